@@ -1,0 +1,327 @@
+"""The model-adapter interface: what alignment needs from a diffusers pipeline, without forking it.
+
+An adapter holds a loaded diffusers pipeline and exposes small, typed pieces:
+
+- :meth:`ModelAdapter.encode_prompts` -> :class:`Conditioning` (with/without CFG, negative prompts);
+- :meth:`ModelAdapter.schedule` -> :class:`Schedule` (the pipeline's own timesteps and sigmas/alphas);
+- :meth:`ModelAdapter.denoise` -> the model output (velocity / epsilon / v) with guidance applied;
+- :meth:`ModelAdapter.init_noise`, :meth:`ModelAdapter.latent_shape`;
+- :meth:`ModelAdapter.decode` -> canonical media (image ``B,3,H,W`` / video ``B,T,3,H,W`` in [0,1];
+  audio ``B,C,N`` in [-1,1] at :attr:`ModelAdapter.sample_rate`);
+- :meth:`ModelAdapter.add_lora` attaches a peft LoRA to the denoiser with per-family target modules.
+
+Latents are in the pipeline's own ``latents=`` layout (packed tokens for FLUX, ``B,F,C,h,w`` for
+CogVideoX, ...), so an mmalign trajectory can be handed back to ``pipeline(latents=...)``.
+Sampling math runs in float32; only the denoiser call is cast to the pipeline's dtype.
+"""
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterator, Literal, Sequence
+
+import torch
+from torch import Tensor, nn
+
+Modality = Literal["image", "video", "audio"]
+PredictionType = Literal["flow", "epsilon", "v_prediction"]
+
+
+def check_prompts(prompts: Sequence[str] | str, what: str = "prompts") -> list[str]:
+    """Validate a prompt list: a non-empty list of strings (a lone string becomes a list of one)."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError(f"{what}: the prompt list is empty; give at least one prompt")
+    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"{what}: entries {bad[:5]} are not strings ({type(prompts[bad[0]]).__name__})")
+    return prompts
+
+
+@dataclass
+class Conditioning:
+    """Encoded prompts, ready for :meth:`ModelAdapter.denoise`.
+
+    ``cond`` / ``uncond`` map denoiser keyword names to tensors whose first dimension is the batch B
+    (e.g. ``encoder_hidden_states``: B,S,D). ``shared`` holds keyword arguments without a batch
+    dimension (e.g. FLUX ``txt_ids``) that are passed as they are. ``uncond`` is None when
+    classifier-free guidance is off (``guidance_scale <= 1``) or the family has no unconditional branch.
+    """
+
+    prompts: list[str]
+    cond: dict[str, Tensor]
+    uncond: dict[str, Tensor] | None = None
+    guidance_scale: float = 1.0
+    negative_prompts: list[str] | None = None
+    shared: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def do_cfg(self) -> bool:
+        return self.uncond is not None and self.guidance_scale > 1.0
+
+    def select(self, index: Tensor | Sequence[int]) -> "Conditioning":
+        """The conditioning of rows ``index`` (e.g. a training minibatch of a rollout)."""
+        rows = index.tolist() if isinstance(index, Tensor) else list(index)
+        idx = torch.as_tensor(rows, dtype=torch.long)
+
+        def pick(d: dict[str, Tensor] | None) -> dict[str, Tensor] | None:
+            return None if d is None else {k: v[idx.to(v.device)] for k, v in d.items()}
+
+        return Conditioning(
+            prompts=[self.prompts[i] for i in rows],
+            cond=pick(self.cond),
+            uncond=pick(self.uncond),
+            guidance_scale=self.guidance_scale,
+            negative_prompts=None if self.negative_prompts is None else [self.negative_prompts[i] for i in rows],
+            shared=dict(self.shared),
+        )
+
+    def repeat_interleave(self, n: int) -> "Conditioning":
+        """Each prompt's conditioning repeated ``n`` times in place (for groups of samples per prompt)."""
+        return self.select([i for i in range(len(self)) for _ in range(n)])
+
+
+@dataclass
+class Schedule:
+    """The discretisation a pipeline uses for ``num_steps`` steps.
+
+    flow:      ``sigmas`` (K+1, float32, decreasing to the last value, usually 0) and the denoiser's
+               ``timesteps`` (K); x_sigma = (1 - sigma) * x_data + sigma * noise.
+    diffusion: ``alphas_cumprod`` (K+1, float32): alpha_bar at each step's timestep and, last, the
+               alpha_bar the final step lands on (the scheduler's ``final_alpha_cumprod``);
+               ``timesteps`` (K) are the integer training timesteps.
+    """
+
+    kind: Literal["flow", "diffusion"]
+    timesteps: Tensor
+    prediction_type: PredictionType
+    sigmas: Tensor | None = None
+    alphas_cumprod: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        k = len(self.timesteps)
+        if k < 1:
+            raise ValueError("a schedule needs at least one step")
+        if self.kind == "flow":
+            if self.sigmas is None or len(self.sigmas) != k + 1:
+                raise ValueError(f"flow schedule needs K+1={k + 1} sigmas, got {None if self.sigmas is None else len(self.sigmas)}")
+        elif self.kind == "diffusion":
+            if self.alphas_cumprod is None or len(self.alphas_cumprod) != k + 1:
+                raise ValueError("diffusion schedule needs K+1 alphas_cumprod values")
+        else:
+            raise ValueError(f"unknown schedule kind {self.kind!r}")
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+
+def check_num_steps(num_steps: int) -> int:
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+    return num_steps
+
+
+class ModelAdapter(ABC):
+    """Base class of every family adapter. Subclasses set the class attributes and the abstract methods.
+
+    Subclasses register themselves in :data:`mmalign.registry.MODELS` (lazily, from
+    ``mmalign/models/__init__.py``) under :attr:`family`.
+    """
+
+    family: ClassVar[str]
+    modality: ClassVar[Modality] = "image"
+    #: diffusers pipeline class name used by :meth:`from_pretrained`
+    pipeline_class: ClassVar[str]
+    #: a published checkpoint of this family (real HF id; never downloaded by tests)
+    default_model_id: ClassVar[str]
+    #: module names (peft ``target_modules``) a LoRA attaches to by default
+    lora_target_modules: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
+    #: the family's usual guidance scale when none is given
+    default_guidance_scale: ClassVar[float] = 1.0
+
+    def __init__(self, pipeline: Any, *, height: int | None = None, width: int | None = None) -> None:
+        self.pipeline = pipeline
+        self.height = height
+        self.width = width
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_id: str | os.PathLike | None = None,
+        *,
+        torch_dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        offline: bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        revision: str | None = None,
+        variant: str | None = None,
+        adapter_kwargs: dict[str, Any] | None = None,
+        **pipeline_kwargs: Any,
+    ) -> "ModelAdapter":
+        """Load the family's diffusers pipeline by HF id or local directory and wrap it.
+
+        ``offline=True`` (or the env var ``HF_HUB_OFFLINE=1`` / ``MMALIGN_OFFLINE=1``) loads from local
+        files only, failing fast instead of downloading.
+        """
+        import diffusers
+
+        model_id = model_id or cls.default_model_id
+        if offline is None:
+            offline = _env_offline()
+        pipe_cls = getattr(diffusers, cls.pipeline_class)
+        kwargs: dict[str, Any] = dict(pipeline_kwargs)
+        if torch_dtype is not None:
+            kwargs["torch_dtype"] = torch_dtype
+        if cache_dir is not None:
+            kwargs["cache_dir"] = str(cache_dir)
+        if revision is not None:
+            kwargs["revision"] = revision
+        if variant is not None:
+            kwargs["variant"] = variant
+        try:
+            pipe = pipe_cls.from_pretrained(str(model_id), local_files_only=offline, **kwargs)
+        except (OSError, ValueError) as err:
+            where = "local files only (offline)" if offline else "the hub or local files"
+            raise OSError(f"could not load {cls.family} pipeline {model_id!r} from {where}: {err}") from err
+        pipe.to(device)
+        return cls(pipe, **(adapter_kwargs or {}))
+
+    # ---------------------------------------------------------------- properties
+    @property
+    @abstractmethod
+    def denoiser(self) -> nn.Module:
+        """The network a trainer updates (UNet or transformer)."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.denoiser.parameters()).dtype
+
+    @property
+    def sample_rate(self) -> int | None:
+        """Audio sample rate in Hz (audio families only)."""
+        return None
+
+    @property
+    def fps(self) -> float | None:
+        """Frames per second of decoded video (video families only)."""
+        return None
+
+    # ---------------------------------------------------------------- the pieces
+    @abstractmethod
+    def encode_prompts(
+        self,
+        prompts: Sequence[str],
+        negative_prompts: Sequence[str] | None = None,
+        guidance_scale: float | None = None,
+    ) -> Conditioning:
+        """Encode prompts (B) and, when guidance is on, the negative prompts ("" by default)."""
+
+    @abstractmethod
+    def latent_shape(self, batch_size: int) -> tuple[int, ...]:
+        """Shape of a batch of initial latents in the pipeline's ``latents=`` layout."""
+
+    @abstractmethod
+    def schedule(self, num_steps: int) -> Schedule:
+        """The pipeline's own timesteps and sigmas/alphas for ``num_steps`` steps."""
+
+    @abstractmethod
+    def predict(self, latents: Tensor, timestep: Tensor, cond: dict[str, Tensor], shared: dict[str, Any]) -> Tensor:
+        """One raw denoiser call on a batch (no guidance). ``latents`` float32; returns float32."""
+
+    @abstractmethod
+    def decode(self, latents: Tensor) -> Tensor:
+        """Final latents -> canonical media (see module docstring). Differentiable w.r.t. ``latents``."""
+
+    def denoise(self, latents: Tensor, timestep: Tensor | float, conditioning: Conditioning) -> Tensor:
+        """Model output for ``latents`` (B,*L) at ``timestep`` with classifier-free guidance applied.
+
+        Returns float32 in the schedule's ``prediction_type`` (velocity for flow families).
+        The unconditional and conditional halves run as one batch, ``[uncond, cond]``, like diffusers.
+        """
+        if latents.shape[0] != len(conditioning):
+            raise ValueError(
+                f"latents batch {latents.shape[0]} does not match conditioning batch {len(conditioning)}"
+            )
+        t = torch.as_tensor(timestep, device=latents.device)
+        if not conditioning.do_cfg:
+            return self.predict(latents, t, conditioning.cond, conditioning.shared).float()
+        both = {k: torch.cat([conditioning.uncond[k], v]) for k, v in conditioning.cond.items()}
+        out = self.predict(torch.cat([latents, latents]), t, both, conditioning.shared).float()
+        uncond, cond = out.chunk(2)
+        return uncond + conditioning.guidance_scale * (cond - uncond)
+
+    def init_noise(
+        self,
+        batch_size: int,
+        generator: torch.Generator | None = None,
+        *,
+        group_size: int = 1,
+    ) -> Tensor:
+        """Standard-normal initial latents (float32). With ``group_size > 1`` the batch is made of
+        ``batch_size // group_size`` groups whose members share one noise (DanceGRPO-style)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if group_size < 1 or batch_size % group_size:
+            raise ValueError(f"batch_size {batch_size} is not a multiple of group_size {group_size}")
+        shape = self.latent_shape(batch_size // group_size)
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        noise = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(self.device)
+        return noise.repeat_interleave(group_size, dim=0) if group_size > 1 else noise
+
+    # ---------------------------------------------------------------- training helpers
+    def add_lora(
+        self,
+        rank: int = 8,
+        alpha: float | None = None,
+        target_modules: Sequence[str] | None = None,
+        dropout: float = 0.0,
+        adapter_name: str = "default",
+    ) -> nn.Module:
+        """Attach a peft LoRA to :attr:`denoiser` (in place) and return it.
+
+        Only LoRA weights are then trainable. ``disable_lora()`` gives the frozen base (the reference
+        model for KL/DPO without a second copy in memory).
+        """
+        from peft import LoraConfig
+
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=alpha if alpha is not None else rank,
+            lora_dropout=dropout,
+            init_lora_weights="gaussian",
+            target_modules=list(target_modules or self.lora_target_modules),
+        )
+        self.denoiser.requires_grad_(False)
+        self.denoiser.add_adapter(config, adapter_name=adapter_name)
+        return self.denoiser
+
+    @contextmanager
+    def disable_lora(self) -> Iterator[None]:
+        """Run the denoiser without its LoRA layers inside the block (the reference policy)."""
+        self.denoiser.disable_adapters()
+        try:
+            yield
+        finally:
+            self.denoiser.enable_adapters()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(family={self.family!r}, modality={self.modality!r}, dtype={self.dtype})"
+
+
+def _env_offline() -> bool:
+    return any(os.environ.get(v, "").lower() in {"1", "true", "yes"} for v in ("HF_HUB_OFFLINE", "MMALIGN_OFFLINE"))

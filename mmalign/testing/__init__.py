@@ -1,0 +1,48 @@
+"""Tiny, seeded, offline instances of every model family (diffusers ``get_dummy_components`` style).
+
+``tiny_pipeline("sd3")`` returns a real diffusers pipeline with random weights (seeded) and tokenizers
+built locally; ``tiny_adapter("sd3")`` wraps it in its mmalign adapter. Nothing is downloaded.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from ..registry import RegistryError
+
+# family -> "module:function" building its tiny pipeline; each function takes (seed: int = 0, **overrides)
+_TINY_BUILDERS = {
+    "sd": "mmalign.testing.sd:tiny_sd_pipeline",
+    "sdxl": "mmalign.testing.sd:tiny_sdxl_pipeline",
+    "sd3": "mmalign.testing.sd3:tiny_sd3_pipeline",
+    "flux": "mmalign.testing.flux:tiny_flux_pipeline",
+    "wan": "mmalign.testing.wan:tiny_wan_pipeline",
+    "cogvideox": "mmalign.testing.cogvideox:tiny_cogvideox_pipeline",
+    "audioldm": "mmalign.testing.audioldm:tiny_audioldm_pipeline",
+}
+
+
+def tiny_families() -> list[str]:
+    """Families that have a tiny builder."""
+    return sorted(_TINY_BUILDERS)
+
+
+def tiny_pipeline(family: str, seed: int = 0, **overrides: Any):
+    """A tiny random diffusers pipeline of ``family`` (weights seeded by ``seed``), on CPU, float32."""
+    try:
+        target = _TINY_BUILDERS[family]
+    except KeyError:
+        raise RegistryError(f"unknown model family {family!r} (tiny builders: {', '.join(tiny_families())})") from None
+    module, _, fn = target.partition(":")
+    return getattr(importlib.import_module(module), fn)(seed=seed, **overrides)
+
+
+def tiny_adapter(family: str, seed: int = 0, adapter_kwargs: dict[str, Any] | None = None, **overrides: Any):
+    """``tiny_pipeline(family)`` wrapped in the family's adapter."""
+    from ..registry import MODELS
+
+    adapter_cls = MODELS.get(family)
+    return adapter_cls(tiny_pipeline(family, seed=seed, **overrides), **(adapter_kwargs or {}))
+
+
+__all__ = ["tiny_adapter", "tiny_families", "tiny_pipeline"]

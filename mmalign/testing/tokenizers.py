@@ -1,0 +1,149 @@
+"""Tokenizers built offline, for tiny test models and the embedded world.
+
+- CLIP: the real CLIP byte-level BPE, rebuilt from the vocabulary file that open_clip ships
+  (``bpe_simple_vocab_16e6.txt.gz``); optionally truncated to the first ``num_merges`` merges so tiny
+  models get a small embedding table. Tokenisation is exactly CLIP's for the kept merges.
+- T5 / UMT5: a Unigram tokenizer trained with the ``tokenizers`` library on a small built-in corpus,
+  wrapped as a transformers ``T5Tokenizer``. Not the published sentencepiece model (which cannot be
+  downloaded here), but the same interface, special tokens and padding behaviour.
+- RoBERTa-style BPE (for CLAP text encoders) built from the CLIP merges.
+
+Everything is cached per process and per argument set: building takes milliseconds after the first call.
+"""
+from __future__ import annotations
+
+import functools
+import gzip
+import json
+import os
+import tempfile
+from pathlib import Path
+
+CLIP_FULL_MERGES = 48894  # 49152 - 256 - 2: the merges CLIP uses (vocab 49408 = 512 + merges + 2 specials)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte -> printable unicode mapping (Radford et al., GPT-2 ``encoder.py``)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = keep[:]
+    extra = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(keep, map(chr, chars)))
+
+
+@functools.lru_cache(maxsize=None)
+def clip_vocab_and_merges(num_merges: int = CLIP_FULL_MERGES) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """CLIP's BPE vocabulary (token -> id) and its first ``num_merges`` merges, from open_clip's file."""
+    import open_clip
+
+    if not 0 <= num_merges <= CLIP_FULL_MERGES:
+        raise ValueError(f"num_merges must be in [0, {CLIP_FULL_MERGES}], got {num_merges}")
+    path = Path(open_clip.__file__).with_name("bpe_simple_vocab_16e6.txt.gz")
+    lines = gzip.open(path).read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : num_merges + 1]]
+    base = list(_bytes_to_unicode().values())
+    tokens = base + [b + "</w>" for b in base] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+def clip_vocab_size(num_merges: int = CLIP_FULL_MERGES) -> int:
+    return 512 + num_merges + 2
+
+
+@functools.lru_cache(maxsize=None)
+def clip_tokenizer_dir(num_merges: int = CLIP_FULL_MERGES, model_max_length: int = 77) -> str:
+    """A directory holding a CLIP tokenizer (``vocab.json``, ``merges.txt``) loadable by
+    ``CLIPTokenizer.from_pretrained``; created once per process in a temp dir."""
+    vocab, merges = clip_vocab_and_merges(num_merges)
+    out = Path(tempfile.mkdtemp(prefix=f"mmalign-clip-tok-{num_merges}-"))
+    save_clip_tokenizer(out, num_merges=num_merges, model_max_length=model_max_length)
+    return str(out)
+
+
+def save_clip_tokenizer(directory: str | os.PathLike, num_merges: int = CLIP_FULL_MERGES, model_max_length: int = 77) -> None:
+    """Write a CLIP tokenizer to ``directory`` (for shipping next to a model's weights)."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = clip_vocab_and_merges(num_merges)
+    # transformers 5 ignores vocab_file=/merges_file= in the constructor: pass the data itself.
+    tok = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=model_max_length)
+    tok.save_pretrained(str(directory))
+
+
+def clip_tokenizer(num_merges: int = CLIP_FULL_MERGES, model_max_length: int = 77):
+    """A ``transformers.CLIPTokenizer`` built offline (see module docstring)."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(clip_tokenizer_dir(num_merges, model_max_length))
+
+
+_T5_CORPUS = (
+    "a photo of a cat sitting on a red chair next to a window",
+    "three blue triangles and a green square on a white background",
+    "a dog running in the park under a bright blue sky",
+    "an astronaut riding a horse on the moon, digital art",
+    "a bowl of fruit: apples, oranges and bananas on a wooden table",
+    "the quick brown fox jumps over the lazy dog",
+    "a red circle left of a green square, a yellow star above a purple hexagon",
+    "a car driving through a city at night with neon lights",
+    "piano music with soft rain in the background, a bird singing",
+    "one two three four five six seven eight nine ten small large big tiny",
+    "left right above below top bottom middle center near far moving slowly quickly",
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZ abcdefghijklmnopqrstuvwxyz 0123456789 .,;:!?'\"()-_/",
+)
+
+
+@functools.lru_cache(maxsize=None)
+def t5_tokenizer_dir(vocab_size: int = 256, model_max_length: int = 512) -> str:
+    """A directory with a small T5-style Unigram tokenizer trained on a built-in corpus.
+
+    Special tokens follow T5: ``<pad>``=0, ``</s>``=1, ``<unk>``=2; no ``<extra_id_*>`` sentinels.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import T5Tokenizer
+
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "</s>", "<unk>"],
+        unk_token="<unk>",
+        initial_alphabet=list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"),
+    )
+    tok.train_from_iterator(list(_T5_CORPUS) * 4, trainer=trainer)
+    out = Path(tempfile.mkdtemp(prefix=f"mmalign-t5-tok-{vocab_size}-"))
+    wrapped = T5Tokenizer(tokenizer_object=tok, extra_ids=0, model_max_length=model_max_length)
+    wrapped.save_pretrained(str(out))
+    return str(out)
+
+
+def t5_tokenizer(vocab_size: int = 256, model_max_length: int = 512):
+    """A ``transformers.T5Tokenizer`` built offline (see module docstring). Also serves UMT5 (Wan)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(t5_tokenizer_dir(vocab_size, model_max_length))
+
+
+def tokenizer_vocab_size(tokenizer) -> int:
+    """The number of ids a text encoder's embedding must cover for ``tokenizer``."""
+    return len(tokenizer)
+
+
+__all__ = [
+    "CLIP_FULL_MERGES",
+    "clip_tokenizer",
+    "clip_tokenizer_dir",
+    "clip_vocab_and_merges",
+    "clip_vocab_size",
+    "save_clip_tokenizer",
+    "t5_tokenizer",
+    "t5_tokenizer_dir",
+    "tokenizer_vocab_size",
+]
+_ = json  # json kept for callers writing tokenizer files by hand

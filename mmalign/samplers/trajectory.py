@@ -1,0 +1,307 @@
+"""Whole-trajectory sampling that records a :class:`~mmalign.types.Rollout`, and log-prob recomputation.
+
+``sample(adapter, prompts, SamplerConfig(...))`` runs the adapter's own schedule with one step
+function per step (ODE outside the SDE window, the chosen SDE inside), recording latents, log-probs,
+predicted clean samples and noise. ``log_prob(adapter, rollout, steps)`` recomputes the log-probs
+of the recorded transitions under the adapter's *current* parameters (the PPO ratio's numerator);
+with unchanged parameters it reproduces the recorded values.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal, Sequence
+
+import torch
+from torch import Tensor
+
+from ..models.base import Conditioning, ModelAdapter, Schedule, check_num_steps, check_prompts
+from ..types import Rollout
+from .steps import Reduction, StepOutput, ddim_step, ddpm_step, flow_ode_step, flow_sde_step
+
+FLOW_METHODS = ("ode", "flow_grpo", "dance", "cps")
+DIFFUSION_METHODS = ("ode", "ddim", "ddpm")
+Method = Literal["ode", "flow_grpo", "dance", "cps", "ddim", "ddpm"]
+
+
+@dataclass
+class SamplerConfig:
+    """How to sample a trajectory.
+
+    Flow-matching families accept ``ode`` (Euler), ``flow_grpo``, ``dance`` and ``cps`` SDEs;
+    diffusion families accept ``ode`` (DDIM with eta 0), ``ddim`` (with ``eta``) and ``ddpm``.
+    """
+
+    method: Method = "ode"
+    """Step rule used inside the SDE window (outside it, steps are deterministic)."""
+    num_steps: int = 10
+    """Number of denoising steps K."""
+    guidance_scale: float | None = None
+    """Classifier-free (or embedded, for FLUX) guidance scale; None uses the family's default."""
+    noise_level: float = 0.7
+    """Flow SDE noise: ``a`` for flow_grpo (0.7 in Flow-GRPO) and cps, ``eta`` for dance (0.3 for FLUX)."""
+    eta: float = 1.0
+    """DDIM eta for method ``ddim`` (1.0 in DDPO)."""
+    sde_window: tuple[int, int] | None = None
+    """Steps ``[start, end)`` that are stochastic (Flow-GRPO-Fast / MixGRPO); None = every step."""
+    log_prob_reduction: Reduction = "mean"
+    """Reduce per-dimension log-densities by ``mean`` (public Flow-GRPO/DDPO code) or ``sum`` (exact)."""
+    group_size: int = 1
+    """Samples per prompt: each prompt is repeated this many times, with a shared ``group_ids`` entry."""
+    same_noise_in_group: bool = False
+    """Give every sample of a group the same initial noise (DanceGRPO)."""
+    record_x0: bool = True
+    """Keep the predicted clean latent of every step (dense rewards, viewers)."""
+    decode: bool = True
+    """Decode final latents into media (``rollout.samples``)."""
+
+    def __post_init__(self) -> None:
+        check_num_steps(self.num_steps)
+        if self.method not in FLOW_METHODS + DIFFUSION_METHODS:
+            raise ValueError(f"unknown sampler method {self.method!r} (flow: {FLOW_METHODS}, diffusion: {DIFFUSION_METHODS})")
+        if self.noise_level < 0 or self.eta < 0:
+            raise ValueError("noise_level and eta must be >= 0")
+        if self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+        if self.log_prob_reduction not in ("mean", "sum"):
+            raise ValueError(f"log_prob_reduction must be 'mean' or 'sum', got {self.log_prob_reduction!r}")
+        if self.sde_window is not None:
+            start, end = self.sde_window
+            if not (0 <= start < end <= self.num_steps):
+                raise ValueError(f"sde_window {self.sde_window} must satisfy 0 <= start < end <= num_steps={self.num_steps}")
+            self.sde_window = (int(start), int(end))
+
+    def in_window(self, k: int) -> bool:
+        """Whether step ``k`` uses the stochastic rule."""
+        if self.method == "ode":
+            return False
+        return self.sde_window is None or self.sde_window[0] <= k < self.sde_window[1]
+
+
+def random_sde_window(num_steps: int, size: int, generator: torch.Generator | None = None, max_start: int | None = None) -> tuple[int, int]:
+    """A window of ``size`` consecutive steps at a random start in ``[0, max_start]`` (Flow-GRPO-Fast)."""
+    if not 1 <= size <= num_steps:
+        raise ValueError(f"window size {size} must be in [1, num_steps={num_steps}]")
+    hi = num_steps - size if max_start is None else min(max_start, num_steps - size)
+    start = int(torch.randint(0, hi + 1, (1,), generator=generator).item())
+    return start, start + size
+
+
+def _check_method(adapter_schedule: Schedule, method: str) -> None:
+    allowed = FLOW_METHODS if adapter_schedule.kind == "flow" else DIFFUSION_METHODS
+    if method not in allowed:
+        raise ValueError(f"sampler method {method!r} does not apply to a {adapter_schedule.kind} model (use one of {allowed})")
+
+
+def _sigma_for_one(schedule: Schedule) -> Tensor | None:
+    """First sigma below 1 (Flow-GRPO's substitute denominator at sigma == 1)."""
+    if schedule.sigmas is None:
+        return None
+    below = schedule.sigmas[schedule.sigmas < 1]
+    return below[0] if len(below) else None
+
+
+def step(
+    schedule: Schedule,
+    config: SamplerConfig,
+    k: int,
+    model_output: Tensor,
+    x: Tensor,
+    *,
+    prev_sample: Tensor | None = None,
+    noise: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> StepOutput:
+    """Apply step ``k`` of ``schedule`` with the rule ``config`` assigns to it."""
+    stochastic = config.in_window(k)
+    red = config.log_prob_reduction
+    if schedule.kind == "flow":
+        s, s_next = schedule.sigmas[k], schedule.sigmas[k + 1]
+        if not stochastic:
+            return flow_ode_step(model_output, x, s, s_next, reduction=red)
+        return flow_sde_step(
+            model_output, x, s, s_next, noise_level=config.noise_level, kind=config.method,
+            sigma_for_one=_sigma_for_one(schedule), prev_sample=prev_sample, noise=noise,
+            generator=generator, reduction=red,
+        )
+    a, a_prev = schedule.alphas_cumprod[k], schedule.alphas_cumprod[k + 1]
+    if config.method == "ddpm" and stochastic:
+        return ddpm_step(model_output, x, a, a_prev, prediction_type=schedule.prediction_type,
+                         prev_sample=prev_sample, noise=noise, generator=generator, reduction=red)
+    eta = config.eta if stochastic else 0.0
+    return ddim_step(model_output, x, a, a_prev, eta=eta, prediction_type=schedule.prediction_type,
+                     prev_sample=prev_sample, noise=noise, generator=generator, reduction=red)
+
+
+def _expand_group(prompts: list[str], negative: list[str] | None, group_size: int) -> tuple[list[str], list[str] | None, Tensor]:
+    prompts = [p for p in prompts for _ in range(group_size)]
+    negative = None if negative is None else [n for n in negative for _ in range(group_size)]
+    group_ids = torch.arange(len(prompts)) // group_size
+    return prompts, negative, group_ids
+
+
+@torch.no_grad()
+def sample(
+    adapter: ModelAdapter,
+    prompts: Sequence[str] | str,
+    config: SamplerConfig | None = None,
+    *,
+    latents: Tensor | None = None,
+    negative_prompts: Sequence[str] | None = None,
+    generator: torch.Generator | None = None,
+    conditioning: Conditioning | None = None,
+) -> Rollout:
+    """Sample one trajectory per prompt (``group_size`` per prompt) and record it.
+
+    Args:
+        prompts: B0 prompts; the rollout holds B = B0 * group_size samples.
+        latents: optional initial noise (B,*L); drawn from ``generator`` otherwise.
+        conditioning: pre-encoded prompts for the expanded batch (skips encoding).
+
+    Runs under ``torch.no_grad``: rollouts are data; gradients come from :func:`log_prob`.
+    """
+    config = config or SamplerConfig()
+    prompts = check_prompts(prompts)
+    negative = None if negative_prompts is None else check_prompts(negative_prompts, "negative_prompts")
+    if negative is not None and len(negative) != len(prompts):
+        raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} prompts; give one per prompt")
+    prompts, negative, group_ids = _expand_group(prompts, negative, config.group_size)
+    batch = len(prompts)
+
+    schedule = adapter.schedule(config.num_steps)
+    _check_method(schedule, config.method)
+    guidance = adapter.default_guidance_scale if config.guidance_scale is None else config.guidance_scale
+    if conditioning is None:
+        conditioning = adapter.encode_prompts(prompts, negative, guidance)
+    elif len(conditioning) != batch:
+        raise ValueError(f"conditioning has {len(conditioning)} rows for {batch} samples")
+
+    expected = tuple(adapter.latent_shape(batch))
+    if latents is None:
+        group = config.group_size if config.same_noise_in_group else 1
+        latents = adapter.init_noise(batch, generator, group_size=group)
+    elif tuple(latents.shape) != expected:
+        raise ValueError(f"initial latents have shape {tuple(latents.shape)}, expected {expected} for batch {batch}")
+    x = latents.float().to(adapter.device)
+
+    traj, log_probs, x0s, noises, stochastic = [x], [], [], [], []
+    for k in range(schedule.num_steps):
+        out = adapter.denoise(x, schedule.timesteps[k], conditioning)
+        res = step(schedule, config, k, out, x, generator=generator)
+        x = res.prev_sample
+        traj.append(x)
+        log_probs.append(res.log_prob)
+        noises.append(res.noise)
+        stochastic.append(res.stochastic)
+        if config.record_x0:
+            x0s.append(res.x0_pred)
+
+    final = traj[-1]
+    return Rollout(
+        prompts=prompts,
+        negative_prompts=negative,
+        latents=torch.stack(traj, dim=1),
+        log_probs=torch.stack(log_probs, dim=1),
+        timesteps=schedule.timesteps.detach().cpu(),
+        sigmas=None if schedule.sigmas is None else schedule.sigmas.detach().cpu(),
+        alphas_cumprod=None if schedule.alphas_cumprod is None else schedule.alphas_cumprod.detach().cpu(),
+        stochastic=torch.tensor(stochastic),
+        samples=adapter.decode(final) if config.decode else None,
+        x0_pred=torch.stack(x0s, dim=1) if config.record_x0 else None,
+        noise=torch.stack(noises, dim=1),
+        group_ids=group_ids,
+        meta={
+            "family": adapter.family,
+            "modality": adapter.modality,
+            "guidance_scale": guidance,
+            "sampler": asdict(config),
+            "log_prob_reduction": config.log_prob_reduction,
+            "prediction_type": schedule.prediction_type,
+            "sample_rate": adapter.sample_rate,
+            "fps": adapter.fps,
+        },
+    )
+
+
+@dataclass
+class StepLogProbs:
+    """Recomputed transitions of a rollout at the chosen steps S.
+
+    log_probs: B,S float32; means: B,S,*L (the step means, for the latent-space KL); stds: S;
+    x0_pred: B,S,*L.
+    """
+
+    log_probs: Tensor
+    means: Tensor
+    stds: Tensor
+    x0_pred: Tensor
+
+
+def _config_from_rollout(rollout: Rollout) -> SamplerConfig:
+    cfg = dict(rollout.meta["sampler"])
+    if cfg.get("sde_window") is not None:
+        cfg["sde_window"] = tuple(cfg["sde_window"])
+    return SamplerConfig(**cfg)
+
+
+def log_prob(
+    adapter: ModelAdapter,
+    rollout: Rollout,
+    steps: Sequence[int] | None = None,
+    *,
+    conditioning: Conditioning | None = None,
+    config: SamplerConfig | None = None,
+) -> StepLogProbs:
+    """Recompute log p(x_{k+1} | x_k) for ``steps`` (default: every stochastic step) under the
+    adapter's current parameters, differentiably. With unchanged parameters it equals
+    ``rollout.log_probs[:, steps]``.
+    """
+    config = config or _config_from_rollout(rollout)
+    if steps is None:
+        steps = [k for k in range(rollout.num_steps) if bool(rollout.stochastic[k])]
+    steps = list(steps)
+    if not steps:
+        raise ValueError("log_prob: no steps to recompute (the rollout has no stochastic step)")
+    bad = [k for k in steps if not 0 <= k < rollout.num_steps]
+    if bad:
+        raise ValueError(f"log_prob: steps {bad} out of range for a {rollout.num_steps}-step rollout")
+    det = [k for k in steps if not bool(rollout.stochastic[k])]
+    if det:
+        raise ValueError(f"log_prob: steps {det} were deterministic (ODE) when sampled and have no density")
+    schedule = adapter.schedule(rollout.num_steps)
+    if conditioning is None:
+        conditioning = adapter.encode_prompts(rollout.prompts, rollout.negative_prompts, rollout.meta["guidance_scale"])
+    device = adapter.device
+    lps, means, stds, x0s = [], [], [], []
+    for k in steps:
+        x = rollout.latents[:, k].to(device)
+        out = adapter.denoise(x, schedule.timesteps[k], conditioning)
+        res = step(schedule, config, k, out, x, prev_sample=rollout.latents[:, k + 1].to(device))
+        lps.append(res.log_prob)
+        means.append(res.mean)
+        stds.append(res.std)
+        x0s.append(res.x0_pred)
+    return StepLogProbs(torch.stack(lps, 1), torch.stack(means, 1), torch.stack(stds), torch.stack(x0s, 1))
+
+
+@torch.no_grad()
+def ode_complete(
+    adapter: ModelAdapter,
+    latents: Tensor,
+    from_step: int,
+    num_steps: int,
+    conditioning: Conditioning,
+    *,
+    decode: bool = False,
+) -> Tensor:
+    """Finish a trajectory deterministically: from ``latents`` (B,*L) at step ``from_step`` of a
+    ``num_steps``-step schedule, run ODE steps to the end. Returns final latents, or media if ``decode``.
+    (Dense per-step rewards score these completions.)
+    """
+    schedule = adapter.schedule(num_steps)
+    if not 0 <= from_step <= schedule.num_steps:
+        raise ValueError(f"from_step {from_step} out of range [0, {schedule.num_steps}]")
+    ode = SamplerConfig(method="ode", num_steps=num_steps)
+    x = latents.float().to(adapter.device)
+    for k in range(from_step, schedule.num_steps):
+        x = step(schedule, ode, k, adapter.denoise(x, schedule.timesteps[k], conditioning), x).prev_sample
+    return adapter.decode(x) if decode else x

@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from .registry import MODELS, RegistryError
+from .models import MODELS  # importing the package registers the families
+from .registry import RegistryError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

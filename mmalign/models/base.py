@@ -83,6 +83,26 @@ class Conditioning:
             shared=dict(self.shared),
         )
 
+    @staticmethod
+    def cat(parts: Sequence["Conditioning"]) -> "Conditioning":
+        """Concatenate conditionings of consecutive row chunks (same guidance and shared inputs)."""
+        if not parts:
+            raise ValueError("Conditioning.cat needs at least one part")
+        first = parts[0]
+
+        def join(dicts: list[dict[str, Tensor] | None]) -> dict[str, Tensor] | None:
+            return None if dicts[0] is None else {k: torch.cat([d[k] for d in dicts]) for k in dicts[0]}
+
+        negs = [p.negative_prompts for p in parts]
+        return Conditioning(
+            prompts=[q for p in parts for q in p.prompts],
+            cond=join([p.cond for p in parts]),
+            uncond=join([p.uncond for p in parts]),
+            guidance_scale=first.guidance_scale,
+            negative_prompts=None if negs[0] is None else [q for n in negs for q in n],
+            shared=dict(first.shared),
+        )
+
     def repeat_interleave(self, n: int) -> "Conditioning":
         """Each prompt's conditioning repeated ``n`` times in place (for groups of samples per prompt)."""
         return self.select([i for i in range(len(self)) for _ in range(n)])
@@ -262,6 +282,45 @@ class ModelAdapter(ABC):
         out = self.predict(torch.cat([latents, latents]), t, both, conditioning.shared).float()
         uncond, cond = out.chunk(2)
         return uncond + conditioning.guidance_scale * (cond - uncond)
+
+    def encode_in_chunks(
+        self,
+        prompts: Sequence[str],
+        negative_prompts: Sequence[str] | None = None,
+        guidance_scale: float | None = None,
+        micro_batch: int | None = None,
+    ) -> Conditioning:
+        """:meth:`encode_prompts` in fixed-size chunks (see :meth:`denoise_in_chunks` for why)."""
+        prompts = check_prompts(prompts)
+        if micro_batch is None or micro_batch >= len(prompts):
+            return self.encode_prompts(prompts, negative_prompts, guidance_scale)
+        parts = []
+        for start in range(0, len(prompts), micro_batch):
+            end = start + micro_batch
+            neg = None if negative_prompts is None else list(negative_prompts)[start:end]
+            parts.append(self.encode_prompts(prompts[start:end], neg, guidance_scale))
+        return Conditioning.cat(parts)
+
+    def denoise_in_chunks(
+        self, latents: Tensor, timestep: Tensor | float, conditioning: Conditioning, micro_batch: int | None = None
+    ) -> Tensor:
+        """:meth:`denoise` over rows in fixed-size chunks of ``micro_batch`` (None: the whole batch).
+
+        Why: a denoiser's float result for one row can depend on how many rows share the call
+        (matmul blocking, kernel choice). Sampling and training with the same ``micro_batch`` make
+        every row's computation identical, so recomputed log-probs equal the recorded ones bit for
+        bit and the PPO ratio is exactly 1 at any training batch size (a multiple of ``micro_batch``).
+        """
+        b = latents.shape[0]
+        if micro_batch is None or micro_batch >= b:
+            return self.denoise(latents, timestep, conditioning)
+        if micro_batch < 1:
+            raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+        outs = []
+        for start in range(0, b, micro_batch):
+            rows = list(range(start, min(start + micro_batch, b)))
+            outs.append(self.denoise(latents[start : rows[-1] + 1], timestep, conditioning.select(rows)))
+        return torch.cat(outs)
 
     def init_noise(
         self,

@@ -53,6 +53,10 @@ class SamplerConfig:
     """Keep the predicted clean latent of every step (dense rewards, viewers)."""
     decode: bool = True
     """Decode final latents into media (``rollout.samples``)."""
+    micro_batch: int | None = 1
+    """Rows per denoiser call, the same when sampling and recomputing log-probs. A fixed size makes each
+    row's float computation independent of the batch, so the training/rollout ratio is exactly 1 for any
+    training batch that is a multiple of it (1: any batch). None: one call for the whole batch (fastest)."""
 
     def __post_init__(self) -> None:
         check_num_steps(self.num_steps)
@@ -60,6 +64,8 @@ class SamplerConfig:
             raise ValueError(f"unknown sampler method {self.method!r} (flow: {FLOW_METHODS}, diffusion: {DIFFUSION_METHODS})")
         if self.noise_level < 0 or self.eta < 0:
             raise ValueError("noise_level and eta must be >= 0")
+        if self.micro_batch is not None and self.micro_batch < 1:
+            raise ValueError(f"micro_batch must be >= 1 or None, got {self.micro_batch}")
         if self.group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {self.group_size}")
         if self.log_prob_reduction not in ("mean", "sum"):
@@ -171,7 +177,7 @@ def sample(
     _check_method(schedule, config.method)
     guidance = adapter.default_guidance_scale if config.guidance_scale is None else config.guidance_scale
     if conditioning is None:
-        conditioning = adapter.encode_prompts(prompts, negative, guidance)
+        conditioning = adapter.encode_in_chunks(prompts, negative, guidance, config.micro_batch)
     elif len(conditioning) != batch:
         raise ValueError(f"conditioning has {len(conditioning)} rows for {batch} samples")
 
@@ -185,7 +191,7 @@ def sample(
 
     traj, log_probs, x0s, noises, stochastic = [x], [], [], [], []
     for k in range(schedule.num_steps):
-        out = adapter.denoise(x, schedule.timesteps[k], conditioning)
+        out = adapter.denoise_in_chunks(x, schedule.timesteps[k], conditioning, config.micro_batch)
         res = step(schedule, config, k, out, x, generator=generator)
         x = res.prev_sample
         traj.append(x)
@@ -269,12 +275,14 @@ def log_prob(
         raise ValueError(f"log_prob: steps {det} were deterministic (ODE) when sampled and have no density")
     schedule = adapter.schedule(rollout.num_steps)
     if conditioning is None:
-        conditioning = adapter.encode_prompts(rollout.prompts, rollout.negative_prompts, rollout.meta["guidance_scale"])
+        conditioning = adapter.encode_in_chunks(
+            rollout.prompts, rollout.negative_prompts, rollout.meta["guidance_scale"], config.micro_batch
+        )
     device = adapter.device
     lps, means, stds, x0s = [], [], [], []
     for k in steps:
         x = rollout.latents[:, k].to(device)
-        out = adapter.denoise(x, schedule.timesteps[k], conditioning)
+        out = adapter.denoise_in_chunks(x, schedule.timesteps[k], conditioning, config.micro_batch)
         res = step(schedule, config, k, out, x, prev_sample=rollout.latents[:, k + 1].to(device))
         lps.append(res.log_prob)
         means.append(res.mean)

@@ -39,7 +39,7 @@ def tiny_pipeline(family: str, seed: int = 0, **overrides: Any):
 
 def tiny_adapter(family: str, seed: int = 0, adapter_kwargs: dict[str, Any] | None = None, **overrides: Any):
     """``tiny_pipeline(family)`` wrapped in the family's adapter."""
-    from ..registry import MODELS
+    from ..models import MODELS  # importing the package registers the families
 
     adapter_cls = MODELS.get(family)
     return adapter_cls(tiny_pipeline(family, seed=seed, **overrides), **(adapter_kwargs or {}))

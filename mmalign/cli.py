@@ -15,6 +15,14 @@ from . import __version__
 EXIT_USAGE = 2
 
 
+def config_kinds() -> dict[str, type]:
+    """Config file name prefix -> config class: shipped configs are named ``<kind>_*.yaml``."""
+    from .bench import RolloutBenchConfig
+    from .jobs import SampleJobConfig
+
+    return {"sample": SampleJobConfig, "bench": RolloutBenchConfig}
+
+
 class CLIError(Exception):
     """An error to report to the user as ``mmalign: error: <message>``."""
 

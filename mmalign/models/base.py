@@ -276,10 +276,14 @@ class ModelAdapter(ABC):
                 f"latents batch {latents.shape[0]} does not match conditioning batch {len(conditioning)}"
             )
         t = torch.as_tensor(timestep, device=latents.device)
+        per_row = t.ndim > 0 and t.numel() > 1
+        if per_row and t.shape[0] != latents.shape[0]:
+            raise ValueError(f"{t.shape[0]} per-row timesteps for a batch of {latents.shape[0]} latents")
         if not conditioning.do_cfg:
             return self.predict(latents, t, conditioning.cond, conditioning.shared).float()
         both = {k: torch.cat([conditioning.uncond[k], v]) for k, v in conditioning.cond.items()}
-        out = self.predict(torch.cat([latents, latents]), t, both, conditioning.shared).float()
+        t2 = torch.cat([t, t]) if per_row else t
+        out = self.predict(torch.cat([latents, latents]), t2, both, conditioning.shared).float()
         uncond, cond = out.chunk(2)
         return uncond + conditioning.guidance_scale * (cond - uncond)
 
@@ -292,6 +296,8 @@ class ModelAdapter(ABC):
     ) -> Conditioning:
         """:meth:`encode_prompts` in fixed-size chunks (see :meth:`denoise_in_chunks` for why)."""
         prompts = check_prompts(prompts)
+        if isinstance(negative_prompts, str):  # one negative prompt for every prompt
+            negative_prompts = [negative_prompts] * len(prompts)
         if micro_batch is None or micro_batch >= len(prompts):
             return self.encode_prompts(prompts, negative_prompts, guidance_scale)
         parts = []
@@ -319,7 +325,9 @@ class ModelAdapter(ABC):
         outs = []
         for start in range(0, b, micro_batch):
             rows = list(range(start, min(start + micro_batch, b)))
-            outs.append(self.denoise(latents[start : rows[-1] + 1], timestep, conditioning.select(rows)))
+            t = torch.as_tensor(timestep)
+            t_rows = t[start : rows[-1] + 1] if t.ndim > 0 and t.numel() == b and b > 1 else timestep  # per-row timesteps
+            outs.append(self.denoise(latents[start : rows[-1] + 1], t_rows, conditioning.select(rows)))
         return torch.cat(outs)
 
     def init_noise(
@@ -365,9 +373,16 @@ class ModelAdapter(ABC):
             init_lora_weights="gaussian",
             target_modules=list(target_modules or self.lora_target_modules),
         )
-        self.denoiser.requires_grad_(False)
+        self.freeze()
         self.denoiser.add_adapter(config, adapter_name=adapter_name)
         return self.denoiser
+
+    def freeze(self) -> None:
+        """Turn off gradients of every module of the pipeline (text encoders, VAE, vocoder, denoiser),
+        so a reward backpropagated through :meth:`decode` accumulates nothing on frozen weights."""
+        for component in self.pipeline.components.values():
+            if isinstance(component, nn.Module):
+                component.requires_grad_(False)
 
     @contextmanager
     def disable_lora(self) -> Iterator[None]:

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from ..registry import MODELS
-from .base import Conditioning, ModelAdapter, Schedule, check_prompts
+from .base import Conditioning, ModelAdapter, Schedule, check_negative_prompts, check_prompts
 
 # family name -> (lazy target, description). Importing this package never imports diffusers.
 _FAMILIES = {
@@ -20,4 +20,4 @@ _FAMILIES = {
 for _name, (_target, _doc) in _FAMILIES.items():
     MODELS.register(_name, _target, description=_doc)
 
-__all__ = ["Conditioning", "ModelAdapter", "Schedule", "check_prompts", "MODELS"]
+__all__ = ["Conditioning", "ModelAdapter", "Schedule", "check_negative_prompts", "check_prompts", "MODELS"]

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import Conditioning, Modality, ModelAdapter, Schedule, check_num_steps, check_prompts
+from .base import Conditioning, Modality, ModelAdapter, Schedule, check_negative_prompts, check_num_steps, check_prompts
 
 
 class AudioLDMAdapter(ModelAdapter):
@@ -138,20 +138,11 @@ class AudioLDMAdapter(ModelAdapter):
         prompts = check_prompts(prompts)
         scale = self.default_guidance_scale if guidance_scale is None else float(guidance_scale)
         do_cfg = scale > 1.0
-        negatives: list[str] | None = None
-        if negative_prompts is not None:
-            if isinstance(negative_prompts, str):
-                negatives = [negative_prompts] * len(prompts)
-            else:
-                negatives = check_prompts(negative_prompts, "negative_prompts")
-                if len(negatives) != len(prompts):
-                    raise ValueError(
-                        f"negative_prompts has {len(negatives)} entries but there are {len(prompts)} prompts"
-                    )
-        elif do_cfg:
-            negatives = [""] * len(prompts)
+        negatives = check_negative_prompts(negative_prompts, len(prompts))
         if not do_cfg:
-            negatives = None
+            negatives = None  # as in the pipeline: no guidance, no negatives
+        elif negatives is None:
+            negatives = [""] * len(prompts)
         # the text encoder is frozen: no graph through it
         with torch.no_grad():
             embeds = self.pipeline._encode_prompt(

@@ -42,6 +42,22 @@ def check_prompts(prompts: Sequence[str] | str, what: str = "prompts") -> list[s
     return prompts
 
 
+def check_negative_prompts(negative_prompts: Sequence[str] | str | None, batch_size: int) -> list[str] | None:
+    """Validate negative prompts for ``batch_size`` prompts: None stays None; a single string applies to
+    every prompt; a list must hold one string per prompt ("" entries are allowed)."""
+    if negative_prompts is None:
+        return None
+    if isinstance(negative_prompts, str):
+        return [negative_prompts] * batch_size
+    negative = check_prompts(negative_prompts, "negative_prompts")
+    if len(negative) != batch_size:
+        raise ValueError(
+            f"negative_prompts: {len(negative)} negative prompts for {batch_size} prompts; "
+            "give one per prompt, or a single string for all"
+        )
+    return negative
+
+
 @dataclass
 class Conditioning:
     """Encoded prompts, ready for :meth:`ModelAdapter.denoise`.
@@ -166,6 +182,9 @@ class ModelAdapter(ABC):
     lora_target_modules: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
     #: the family's usual guidance scale when none is given
     default_guidance_scale: ClassVar[float] = 1.0
+    #: keyword defaults :meth:`from_pretrained` passes to the pipeline's ``from_pretrained`` (the
+    #: caller's keywords take precedence), e.g. components the family never uses
+    pretrained_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, pipeline: Any, *, height: int | None = None, width: int | None = None) -> None:
         self.pipeline = pipeline
@@ -190,7 +209,8 @@ class ModelAdapter(ABC):
         """Load the family's diffusers pipeline by HF id or local directory and wrap it.
 
         ``offline=True`` (or the env var ``HF_HUB_OFFLINE=1`` / ``MMALIGN_OFFLINE=1``) loads from local
-        files only, failing fast instead of downloading.
+        files only, failing fast instead of downloading. ``pipeline_kwargs`` go to the pipeline's
+        ``from_pretrained`` on top of the family's :attr:`pretrained_defaults`.
         """
         import diffusers
 
@@ -198,7 +218,7 @@ class ModelAdapter(ABC):
         if offline is None:
             offline = _env_offline()
         pipe_cls = getattr(diffusers, cls.pipeline_class)
-        kwargs: dict[str, Any] = dict(pipeline_kwargs)
+        kwargs: dict[str, Any] = {**cls.pretrained_defaults, **pipeline_kwargs}
         if torch_dtype is not None:
             kwargs["torch_dtype"] = torch_dtype
         if cache_dir is not None:
@@ -296,14 +316,13 @@ class ModelAdapter(ABC):
     ) -> Conditioning:
         """:meth:`encode_prompts` in fixed-size chunks (see :meth:`denoise_in_chunks` for why)."""
         prompts = check_prompts(prompts)
-        if isinstance(negative_prompts, str):  # one negative prompt for every prompt
-            negative_prompts = [negative_prompts] * len(prompts)
+        negative_prompts = check_negative_prompts(negative_prompts, len(prompts))
         if micro_batch is None or micro_batch >= len(prompts):
             return self.encode_prompts(prompts, negative_prompts, guidance_scale)
         parts = []
         for start in range(0, len(prompts), micro_batch):
             end = start + micro_batch
-            neg = None if negative_prompts is None else list(negative_prompts)[start:end]
+            neg = None if negative_prompts is None else negative_prompts[start:end]
             parts.append(self.encode_prompts(prompts[start:end], neg, guidance_scale))
         return Conditioning.cat(parts)
 

@@ -24,7 +24,8 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import Conditioning, ModelAdapter, Schedule, check_num_steps, check_prompts
+from .base import Conditioning, ModelAdapter, Schedule, check_num_steps
+from .wan import check_num_frames, encode_video_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -85,13 +86,7 @@ class CogVideoXAdapter(ModelAdapter):
         for name, value in (("height", self.height), ("width", self.width)):
             if isinstance(value, bool) or not isinstance(value, int) or value < multiple or value % multiple:
                 raise ValueError(f"CogVideoX {name} must be a positive multiple of {multiple} pixels, got {value!r}")
-        t = pipe.vae_scale_factor_temporal
-        f = self.num_frames
-        if isinstance(f, bool) or not isinstance(f, int) or f < 1 or (f - 1) % t:
-            raise ValueError(
-                f"CogVideoX num_frames must be {t}k+1 (e.g. {t + 1}, {2 * t + 1}, ..., 49), got {f!r}: "
-                f"the VAE keeps the first frame and compresses the rest {t}x in time"
-            )
+        check_num_frames("CogVideoX", self.num_frames, pipe.vae_scale_factor_temporal, usual=49)
         if self.max_sequence_length < 1:
             raise ValueError(f"max_sequence_length must be >= 1, got {self.max_sequence_length}")
 
@@ -132,27 +127,7 @@ class CogVideoXAdapter(ModelAdapter):
         the same shape when ``guidance_scale > 1`` (negative prompts default to ""). The text encoder is
         frozen, so this runs without gradients.
         """
-        prompts = check_prompts(prompts)
-        scale = self.default_guidance_scale if guidance_scale is None else float(guidance_scale)
-        do_cfg = scale > 1.0
-        negative = None
-        if negative_prompts is not None:
-            negative = check_prompts(negative_prompts, "negative_prompts")
-            if len(negative) != len(prompts):
-                raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} prompts; give one per prompt")
-        elif do_cfg:
-            negative = [""] * len(prompts)
-        pos, neg = self.pipeline.encode_prompt(
-            prompt=prompts,
-            negative_prompt=negative if do_cfg else None,
-            do_classifier_free_guidance=do_cfg,
-            num_videos_per_prompt=1,
-            max_sequence_length=self.max_sequence_length,
-            device=self.device,
-        )
-        cond = {"encoder_hidden_states": pos}
-        uncond = {"encoder_hidden_states": neg} if do_cfg else None
-        return Conditioning(prompts=prompts, cond=cond, uncond=uncond, guidance_scale=scale, negative_prompts=negative)
+        return encode_video_prompts(self, prompts, negative_prompts, guidance_scale)
 
     def latent_shape(self, batch_size: int) -> tuple[int, int, int, int, int]:
         """``(B, F', C, h, w)``: the ``latents=`` layout of ``CogVideoXPipeline``."""

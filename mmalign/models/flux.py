@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .base import Conditioning, check_prompts
-from .sd3 import FlowMatchingImageAdapter, check_negative_prompts
+from .base import Conditioning, check_negative_prompts, check_prompts
+from .sd3 import FlowMatchingImageAdapter
 
 
 class FluxAdapter(FlowMatchingImageAdapter):

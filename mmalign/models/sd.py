@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import Conditioning, ModelAdapter, Schedule, check_num_steps, check_prompts
+from .base import Conditioning, ModelAdapter, Schedule, check_negative_prompts, check_num_steps, check_prompts
 
 # Keys of the per-row conditioning dicts that go into the UNet's ``added_cond_kwargs`` (SDXL).
 _ADDED_COND_KEYS = ("text_embeds", "time_ids")
@@ -54,8 +54,8 @@ class StableDiffusionAdapter(ModelAdapter):
     default_model_id: ClassVar[str] = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     default_guidance_scale: ClassVar[float] = 7.5
     lora_target_modules: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
-    #: extra ``from_pretrained`` keyword defaults: the safety checker is a second CLIP model that
-    #: :meth:`decode` never runs, so it is not loaded unless asked for.
+    #: the safety checker is a second CLIP model that :meth:`decode` never runs, so
+    #: :meth:`~ModelAdapter.from_pretrained` does not load it unless asked (``safety_checker=...``).
     pretrained_defaults: ClassVar[dict[str, Any]] = {"safety_checker": None, "requires_safety_checker": False}
     #: decode a float16 VAE in float32 when its config says ``force_upcast`` (the SDXL pipeline does;
     #: the SD pipeline does not).
@@ -71,15 +71,6 @@ class StableDiffusionAdapter(ModelAdapter):
         self.height = self._check_size("height", default_h if height is None else height)
         self.width = self._check_size("width", default_w if width is None else width)
         self._vae_fp32: tuple[nn.Module, nn.Module] | None = None  # (source VAE, its float32 copy)
-
-    # ---------------------------------------------------------------- loading
-    @classmethod
-    def from_pretrained(cls, model_id: Any = None, **kwargs: Any) -> "ModelAdapter":
-        """:meth:`ModelAdapter.from_pretrained` with :attr:`pretrained_defaults` filled in (for SD: no
-        safety checker; pass ``safety_checker=...`` to load one)."""
-        for key, value in cls.pretrained_defaults.items():
-            kwargs.setdefault(key, value)
-        return super().from_pretrained(model_id, **kwargs)
 
     # ---------------------------------------------------------------- sizes
     @property
@@ -125,22 +116,6 @@ class StableDiffusionAdapter(ModelAdapter):
         return self.denoiser.config.time_cond_proj_dim is not None
 
     # ---------------------------------------------------------------- prompts
-    def _check_prompt_inputs(
-        self, prompts: Sequence[str] | str, negative_prompts: Sequence[str] | str | None
-    ) -> tuple[list[str], list[str] | None]:
-        prompts = check_prompts(prompts)
-        if negative_prompts is None:
-            return prompts, None
-        if isinstance(negative_prompts, str):  # one negative prompt for the whole batch
-            negative_prompts = [negative_prompts] * len(prompts)
-        negative = check_prompts(negative_prompts, "negative_prompts")
-        if len(negative) != len(prompts):
-            raise ValueError(
-                f"negative_prompts: got {len(negative)} negative prompts for {len(prompts)} prompts; "
-                "give one per prompt (or a single string for all)"
-            )
-        return prompts, negative
-
     def _encode(
         self, prompts: list[str], negative: list[str] | None, do_cfg: bool
     ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
@@ -171,7 +146,9 @@ class StableDiffusionAdapter(ModelAdapter):
         prompt "" (and for SDXL with ``force_zeros_for_empty_prompt``, zero embeddings, as the pipeline
         does); ``Conditioning.negative_prompts`` is then None.
         """
-        prompts, negative = self._check_prompt_inputs(prompts, negative_prompts)
+        prompts = check_prompts(prompts)
+        # None stays None so the pipeline applies its own default ("" or SDXL's zero embeddings)
+        negative = check_negative_prompts(negative_prompts, len(prompts))
         guidance = self.default_guidance_scale if guidance_scale is None else float(guidance_scale)
         do_cfg = guidance > 1.0 and not self._embedded_guidance
         cond, uncond = self._encode(prompts, negative, do_cfg)

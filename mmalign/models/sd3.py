@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import Conditioning, ModelAdapter, Schedule, check_num_steps, check_prompts
+from .base import Conditioning, ModelAdapter, Schedule, check_negative_prompts, check_num_steps, check_prompts
 
 #: attention projections of an MMDiT block: image stream (to_q/k/v, to_out.0), text stream
 #: (add_*_proj, to_add_out); unqualified so SD3.5's second self-attention (``attn2``) and FLUX's
@@ -29,21 +29,6 @@ DIT_ATTENTION_LORA_TARGETS: tuple[str, ...] = (
     "add_v_proj",
     "to_add_out",
 )
-
-
-def check_negative_prompts(negative_prompts: Sequence[str] | str | None, batch_size: int) -> list[str] | None:
-    """Validate negative prompts: None, or one string per prompt ("" entries are allowed)."""
-    if negative_prompts is None:
-        return None
-    if isinstance(negative_prompts, str):
-        negative_prompts = [negative_prompts]
-    negative = list(negative_prompts)
-    bad = [i for i, p in enumerate(negative) if not isinstance(p, str)]
-    if bad:
-        raise TypeError(f"negative_prompts: entries {bad[:5]} are not strings ({type(negative[bad[0]]).__name__})")
-    if len(negative) != batch_size:
-        raise ValueError(f"{len(negative)} negative prompts for {batch_size} prompts; give one per prompt (or none)")
-    return negative
 
 
 class FlowMatchingImageAdapter(ModelAdapter):
@@ -270,4 +255,4 @@ class StableDiffusion3Adapter(FlowMatchingImageAdapter):
 
 
 
-__all__ = ["DIT_ATTENTION_LORA_TARGETS", "FlowMatchingImageAdapter", "StableDiffusion3Adapter", "check_negative_prompts"]
+__all__ = ["DIT_ATTENTION_LORA_TARGETS", "FlowMatchingImageAdapter", "StableDiffusion3Adapter"]

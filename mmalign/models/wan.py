@@ -18,6 +18,10 @@ Layout and conventions, all taken from the pipeline itself:
 
 Wan 2.2 TI2V-style pipelines (``expand_timesteps=True``) are supported; two-expert Wan 2.2 pipelines
 (``transformer_2`` / ``boundary_ratio``) are not (the trainable denoiser would change mid-trajectory).
+
+Also home of the pieces shared with CogVideoX (:mod:`mmalign.models.cogvideox`), whose pipeline has the
+same ``encode_prompt`` and the same ``4k + 1`` frame rule: :func:`encode_video_prompts` and
+:func:`check_num_frames`.
 """
 from __future__ import annotations
 
@@ -27,7 +31,46 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import Conditioning, ModelAdapter, Schedule, check_num_steps, check_prompts
+from .base import Conditioning, ModelAdapter, Schedule, check_negative_prompts, check_num_steps, check_prompts
+
+
+def check_num_frames(label: str, num_frames: Any, temporal: int, usual: int) -> None:
+    """Raise unless ``num_frames`` is ``temporal * k + 1`` (``usual``: the family's default, for the message)."""
+    t, f = temporal, num_frames
+    if isinstance(f, bool) or not isinstance(f, int) or f < 1 or (f - 1) % t:
+        raise ValueError(
+            f"{label} num_frames must be {t}k+1 (1, {t + 1}, {2 * t + 1}, ..., {usual}), got {f!r}: "
+            f"the VAE keeps the first frame and compresses the rest {t}x in time"
+        )
+
+
+def encode_video_prompts(
+    adapter: ModelAdapter,
+    prompts: Sequence[str],
+    negative_prompts: Sequence[str] | str | None,
+    guidance_scale: float | None,
+    dtype: torch.dtype | None = None,
+) -> Conditioning:
+    """``adapter.pipeline.encode_prompt`` (Wan / CogVideoX signature) on B prompts and, when
+    ``guidance_scale > 1``, on the negative prompts ("" by default); embeddings cast to ``dtype`` if given.
+    ``adapter`` needs ``default_guidance_scale``, ``max_sequence_length`` and ``device``."""
+    prompts = check_prompts(prompts)
+    scale = adapter.default_guidance_scale if guidance_scale is None else float(guidance_scale)
+    do_cfg = scale > 1.0
+    negative = check_negative_prompts(negative_prompts, len(prompts))
+    if negative is None and do_cfg:
+        negative = [""] * len(prompts)
+    pos, neg = adapter.pipeline.encode_prompt(
+        prompt=prompts,
+        negative_prompt=negative if do_cfg else None,
+        do_classifier_free_guidance=do_cfg,
+        num_videos_per_prompt=1,
+        max_sequence_length=adapter.max_sequence_length,
+        device=adapter.device,
+    )
+    cond = {"encoder_hidden_states": pos if dtype is None else pos.to(dtype)}
+    uncond = {"encoder_hidden_states": neg if dtype is None else neg.to(dtype)} if do_cfg else None
+    return Conditioning(prompts=prompts, cond=cond, uncond=uncond, guidance_scale=scale, negative_prompts=negative)
 
 
 class WanAdapter(ModelAdapter):
@@ -100,13 +143,7 @@ class WanAdapter(ModelAdapter):
             multiple = math.lcm(16, pipe.vae_scale_factor_spatial * p)
             if isinstance(value, bool) or not isinstance(value, int) or value < multiple or value % multiple:
                 raise ValueError(f"Wan {name} must be a positive multiple of {multiple} pixels, got {value!r}")
-        t = pipe.vae_scale_factor_temporal
-        f = self.num_frames
-        if isinstance(f, bool) or not isinstance(f, int) or f < 1 or (f - 1) % t:
-            raise ValueError(
-                f"Wan num_frames must be {t}k+1 (1, {t + 1}, {2 * t + 1}, ..., 81), got {f!r}: "
-                f"the VAE keeps the first frame and compresses the rest {t}x in time"
-            )
+        check_num_frames("Wan", self.num_frames, pipe.vae_scale_factor_temporal, usual=81)
         if self.max_sequence_length < 1:
             raise ValueError(f"max_sequence_length must be >= 1, got {self.max_sequence_length}")
 
@@ -139,28 +176,8 @@ class WanAdapter(ModelAdapter):
         dtype, and ``uncond`` of the same shape when ``guidance_scale > 1`` (negative prompts default to "").
         The text encoder is frozen, so this runs without gradients.
         """
-        prompts = check_prompts(prompts)
-        scale = self.default_guidance_scale if guidance_scale is None else float(guidance_scale)
-        do_cfg = scale > 1.0
-        negative = None
-        if negative_prompts is not None:
-            negative = check_prompts(negative_prompts, "negative_prompts")
-            if len(negative) != len(prompts):
-                raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} prompts; give one per prompt")
-        elif do_cfg:
-            negative = [""] * len(prompts)
-        pos, neg = self.pipeline.encode_prompt(
-            prompt=prompts,
-            negative_prompt=negative if do_cfg else None,
-            do_classifier_free_guidance=do_cfg,
-            num_videos_per_prompt=1,
-            max_sequence_length=self.max_sequence_length,
-            device=self.device,
-        )
         # The pipeline casts the embeddings to the transformer's dtype before the loop.
-        cond = {"encoder_hidden_states": pos.to(self.dtype)}
-        uncond = {"encoder_hidden_states": neg.to(self.dtype)} if do_cfg else None
-        return Conditioning(prompts=prompts, cond=cond, uncond=uncond, guidance_scale=scale, negative_prompts=negative)
+        return encode_video_prompts(self, prompts, negative_prompts, guidance_scale, dtype=self.dtype)
 
     def latent_shape(self, batch_size: int) -> tuple[int, int, int, int, int]:
         """``(B, C, F', h, w)``: the ``latents=`` layout of ``WanPipeline``."""
@@ -267,4 +284,4 @@ class WanAdapter(ModelAdapter):
         return next(self.pipeline.vae.parameters()).device
 
 
-__all__ = ["WanAdapter"]
+__all__ = ["WanAdapter", "check_num_frames", "encode_video_prompts"]

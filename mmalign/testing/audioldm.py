@@ -5,7 +5,8 @@ encoder (``ClapTextModelWithProjection``), a UNet with ``class_embed_type="simpl
 takes the CLAP text embedding as its class embedding, a tiny ``AutoencoderKL`` on 1-channel mel
 spectrograms and a tiny ``SpeechT5HifiGan`` vocoder. The only difference is the tokenizer: diffusers
 downloads ``hf-internal-testing/tiny-random-roberta``; here a RoBERTa byte-level BPE tokenizer is
-written locally from the CLIP merges that open_clip ships (see :func:`roberta_tokenizer_dir`).
+written locally from the CLIP merges that open_clip ships
+(:func:`mmalign.testing.tokenizers.roberta_tokenizer`).
 
 Default sizes: 16 mel bins, a VAE scale factor of 2, a 2x2 vocoder upsampling at 16 kHz and a UNet
 ``sample_size`` of 16, so the default clip is 16 * 2 * 4 = 128 samples (8 ms) and the latents are
@@ -13,59 +14,11 @@ Default sizes: 16 mel bins, a VAE scale factor of 2, a 2x2 vocoder upsampling at
 """
 from __future__ import annotations
 
-import functools
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from .tokenizers import clip_vocab_and_merges
-
-#: RoBERTa's special tokens, at RoBERTa's ids (<s>=0, <pad>=1, </s>=2, <unk>=3; <mask> last)
-_ROBERTA_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
-
-
-def _roberta_vocab_and_merges(num_merges: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """A RoBERTa-style byte-level BPE vocabulary from CLIP's first ``num_merges`` merges.
-
-    CLIP marks word ends with ``</w>`` while RoBERTa marks word starts with ``Ġ``; the merges that
-    involve ``</w>`` cannot be expressed in RoBERTa's scheme and are dropped. The rest are ordinary
-    byte-level merges (``t h -> th``), so tokenisation is a genuine byte-level BPE that covers any
-    text (every byte has a token).
-    """
-    clip_vocab, clip_merges = clip_vocab_and_merges(num_merges)
-    byte_tokens = list(clip_vocab)[:256]  # CLIP's vocabulary starts with the 256 byte symbols
-    merges = [m for m in clip_merges if not (m[0].endswith("</w>") or m[1].endswith("</w>"))]
-    vocab: dict[str, int] = {}
-    for tok in (*_ROBERTA_SPECIALS, *byte_tokens, *("".join(m) for m in merges), "<mask>"):
-        vocab.setdefault(tok, len(vocab))
-    return vocab, merges
-
-
-@functools.lru_cache(maxsize=None)
-def roberta_tokenizer_dir(num_merges: int = 1000, model_max_length: int = 77) -> str:
-    """A directory holding a RoBERTa tokenizer loadable by ``RobertaTokenizer.from_pretrained``.
-
-    Built once per process and argument set in a temp dir (the first call imports open_clip to read
-    the CLIP merges; later calls are free).
-    """
-    from transformers import RobertaTokenizer
-
-    vocab, merges = _roberta_vocab_and_merges(num_merges)
-    # transformers 5 takes the vocabulary and merges as data (vocab_file= is ignored)
-    tok = RobertaTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
-    out = Path(tempfile.mkdtemp(prefix=f"mmalign-roberta-tok-{num_merges}-"))
-    tok.save_pretrained(str(out))
-    return str(out)
-
-
-def roberta_tokenizer(num_merges: int = 1000, model_max_length: int = 77):
-    """A fresh ``transformers.RobertaTokenizer`` built offline (see :func:`roberta_tokenizer_dir`)."""
-    from transformers import RobertaTokenizer
-
-    return RobertaTokenizer.from_pretrained(roberta_tokenizer_dir(num_merges, model_max_length))
-
+from .tokenizers import roberta_tokenizer
 
 _COMPONENTS = ("unet", "scheduler", "vae", "text_encoder", "tokenizer", "vocoder")
 
@@ -215,4 +168,4 @@ def tiny_audioldm_pipeline(seed: int = 0, **overrides: Any):
     return pipe.to("cpu")  # already float32; a dtype cast here only makes diffusers warn
 
 
-__all__ = ["roberta_tokenizer", "roberta_tokenizer_dir", "tiny_audioldm_pipeline"]
+__all__ = ["tiny_audioldm_pipeline"]

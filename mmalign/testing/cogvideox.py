@@ -32,8 +32,8 @@ def tiny_cogvideox_pipeline(seed: int = 0, **overrides: Any):
         CogVideoXPipeline,
         CogVideoXTransformer3DModel,
     )
-    from transformers import T5Config, T5EncoderModel
 
+    from .components import tiny_t5_encoder
     from .tokenizers import t5_tokenizer
 
     overrides = dict(overrides)
@@ -101,25 +101,7 @@ def tiny_cogvideox_pipeline(seed: int = 0, **overrides: Any):
         }
     )
 
-    torch.manual_seed(seed)
-    te = T5EncoderModel(
-        T5Config(
-            **{
-                "vocab_size": len(tokenizer),
-                "d_model": 32,
-                "d_kv": 8,
-                "d_ff": 37,
-                "num_layers": 2,
-                "num_heads": 4,
-                "relative_attention_num_buckets": 8,
-                "dropout_rate": 0.0,
-                "pad_token_id": tokenizer.pad_token_id,
-                "eos_token_id": tokenizer.eos_token_id,
-                "decoder_start_token_id": tokenizer.pad_token_id,
-                **text_encoder,
-            }
-        )
-    ).eval()
+    te = tiny_t5_encoder(tokenizer, seed=seed, **{"dropout_rate": 0.0, **text_encoder})
 
     pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=te, vae=vae_model, transformer=dit, scheduler=sched)
     pipe.set_progress_bar_config(disable=True)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .sd3 import CLIP_MERGES, CLIP_WIDTH
+from .components import TINY_CLIP_MERGES, TINY_CLIP_WIDTH, TINY_DIT_VAE_CONFIG, tiny_clip_text_encoder, tiny_t5_encoder
 from .tokenizers import clip_tokenizer, t5_tokenizer
 
 T5_WIDTH = 32
@@ -29,7 +29,6 @@ def tiny_flux_pipeline(seed: int = 0, **overrides: Any):
     ``AutoencoderKL`` arguments).
     """
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     overrides = dict(overrides)
     # FLUX.1-dev's scheduler_config.json
@@ -43,17 +42,7 @@ def tiny_flux_pipeline(seed: int = 0, **overrides: Any):
         **overrides.pop("scheduler", {}),
     }
     vae_kwargs: dict[str, Any] = {
-        "sample_size": 32,
-        "in_channels": 3,
-        "out_channels": 3,
-        "block_out_channels": (8, 16),
-        "down_block_types": ("DownEncoderBlock2D",) * 2,
-        "up_block_types": ("UpDecoderBlock2D",) * 2,
-        "layers_per_block": 1,
-        "latent_channels": 4,
-        "norm_num_groups": 4,
-        "use_quant_conv": False,
-        "use_post_quant_conv": False,
+        **TINY_DIT_VAE_CONFIG,
         "shift_factor": 0.1159,
         "scaling_factor": 0.3611,
         **overrides.pop("vae", {}),
@@ -67,46 +56,18 @@ def tiny_flux_pipeline(seed: int = 0, **overrides: Any):
         "attention_head_dim": 16,
         "num_attention_heads": 2,
         "joint_attention_dim": T5_WIDTH,
-        "pooled_projection_dim": CLIP_WIDTH,
+        "pooled_projection_dim": TINY_CLIP_WIDTH,
         "guidance_embeds": True,
         "axes_dims_rope": (4, 4, 8),  # must sum to attention_head_dim
         **overrides,
     }
 
-    tokenizer = clip_tokenizer(num_merges=CLIP_MERGES)
+    tokenizer = clip_tokenizer(num_merges=TINY_CLIP_MERGES)
     tokenizer_2 = t5_tokenizer()
-    clip_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,  # CLIP pools at the first eos: must be the tokenizer's
-        pad_token_id=tokenizer.pad_token_id,
-        hidden_size=CLIP_WIDTH,
-        intermediate_size=37,
-        projection_dim=CLIP_WIDTH,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        max_position_embeddings=tokenizer.model_max_length,
-        layer_norm_eps=1e-5,
-        hidden_act="gelu",
+    text_encoder = tiny_clip_text_encoder(tokenizer, seed=seed, hidden_size=TINY_CLIP_WIDTH, projection_dim=TINY_CLIP_WIDTH)
+    text_encoder_2 = tiny_t5_encoder(
+        tokenizer_2, seed=seed, d_model=T5_WIDTH, is_encoder_decoder=False, use_cache=False
     )
-    t5_config = T5Config(
-        vocab_size=len(tokenizer_2),
-        d_model=T5_WIDTH,
-        d_kv=8,
-        d_ff=37,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        pad_token_id=tokenizer_2.pad_token_id,
-        eos_token_id=tokenizer_2.eos_token_id,
-        decoder_start_token_id=tokenizer_2.pad_token_id,
-        is_encoder_decoder=False,
-        use_cache=False,
-    )
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(clip_config).eval()
-    torch.manual_seed(seed)
-    text_encoder_2 = T5EncoderModel(t5_config).eval()
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(**transformer_kwargs).eval()
     torch.manual_seed(seed)

@@ -19,10 +19,8 @@ from typing import Any, Callable
 
 import torch
 
+from .components import TINY_CLIP_MERGES, TINY_CLIP_WIDTH, tiny_clip_text_encoder
 from .tokenizers import clip_tokenizer
-
-#: merges kept in the tiny CLIP tokenizer: vocab 512 + 1000 + 2 = 1514 ids (eos = 1513)
-TINY_CLIP_MERGES = 1000
 
 # SD 1.5's scheduler config (scaled_linear 0.00085..0.012, leading spacing, offset 1), as DDIM.
 _SD15_SCHEDULER: dict[str, Any] = dict(
@@ -54,32 +52,6 @@ def _component(
     return build(dict(given or {}))
 
 
-def _clip_config(tokenizer: Any, extra: dict[str, Any], **defaults: Any):
-    """A tiny ``CLIPTextConfig`` whose vocabulary and special ids match ``tokenizer``.
-
-    The pooled output (used by SDXL) is read at the first ``eos_token_id`` position, so the ids must be
-    the tokenizer's, not the legacy defaults (bos 0 / eos 2).
-    """
-    from transformers import CLIPTextConfig
-
-    cfg: dict[str, Any] = dict(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        hidden_size=32,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        layer_norm_eps=1e-5,
-        hidden_act="gelu",
-        max_position_embeddings=tokenizer.model_max_length,
-    )
-    cfg.update(defaults)
-    cfg.update(extra)
-    return CLIPTextConfig(**cfg)
-
-
 def _tiny_vae(extra: dict[str, Any]):
     from diffusers import AutoencoderKL
 
@@ -106,12 +78,11 @@ def _tiny_scheduler(extra: dict[str, Any]):
 
 def _build(seed: int, overrides: dict[str, Any], xl: bool) -> Any:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     overrides = dict(overrides)
     if not xl and {"text_encoder_2", "tokenizer_2"} & overrides.keys():
         raise TypeError("text_encoder_2 / tokenizer_2 only exist in SDXL pipelines (use tiny_sdxl_pipeline)")
-    text_dim = 32
+    text_dim = TINY_CLIP_WIDTH
 
     def unet(extra: dict[str, Any]) -> UNet2DConditionModel:
         cfg: dict[str, Any] = dict(
@@ -150,7 +121,7 @@ def _build(seed: int, overrides: dict[str, Any], xl: bool) -> Any:
         tok = overrides.pop("tokenizer", None) or clip_tokenizer(TINY_CLIP_MERGES)
         components["tokenizer"] = tok
         components["text_encoder"] = _component(
-            "text_encoder", seed, overrides, lambda extra: CLIPTextModel(_clip_config(tok, extra)).eval()
+            "text_encoder", seed, overrides, lambda extra: tiny_clip_text_encoder(tok, **extra)
         )
         if xl:
             tok2 = overrides.pop("tokenizer_2", None) or clip_tokenizer(TINY_CLIP_MERGES)
@@ -159,7 +130,7 @@ def _build(seed: int, overrides: dict[str, Any], xl: bool) -> Any:
                 "text_encoder_2",
                 seed,
                 overrides,
-                lambda extra: CLIPTextModelWithProjection(_clip_config(tok2, extra, projection_dim=text_dim)).eval(),
+                lambda extra: tiny_clip_text_encoder(tok2, projection=True, **{"projection_dim": text_dim, **extra}),
             )
     if xl:
         # No invisible watermark: it would change decoded images (and needs an optional package).

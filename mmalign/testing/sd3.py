@@ -13,34 +13,8 @@ from typing import Any
 
 import torch
 
+from .components import TINY_CLIP_MERGES, TINY_CLIP_WIDTH, TINY_DIT_VAE_CONFIG, tiny_clip_text_encoder
 from .tokenizers import clip_tokenizer
-
-#: merges kept in the tiny CLIP tokenizers (vocabulary 512 + 1000 + 2 = 1514 ids)
-CLIP_MERGES = 1000
-CLIP_WIDTH = 32
-
-
-def _tiny_clip_with_projection(seed: int, tokenizer: Any, hidden_size: int = CLIP_WIDTH):
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    # special ids must be the tokenizer's: CLIP pools at the first eos id, which for the truncated
-    # vocabulary is len(tokenizer) - 1, not the published 49407.
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        hidden_size=hidden_size,
-        intermediate_size=37,
-        projection_dim=hidden_size,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        max_position_embeddings=tokenizer.model_max_length,
-        layer_norm_eps=1e-5,
-        hidden_act="gelu",
-    )
-    torch.manual_seed(seed)
-    return CLIPTextModelWithProjection(config).eval()
 
 
 def tiny_sd3_pipeline(seed: int = 0, **overrides: Any):
@@ -55,17 +29,7 @@ def tiny_sd3_pipeline(seed: int = 0, **overrides: Any):
     overrides = dict(overrides)
     scheduler_kwargs: dict[str, Any] = {"shift": 3.0, **overrides.pop("scheduler", {})}
     vae_kwargs: dict[str, Any] = {
-        "sample_size": 32,
-        "in_channels": 3,
-        "out_channels": 3,
-        "block_out_channels": (8, 16),
-        "down_block_types": ("DownEncoderBlock2D",) * 2,
-        "up_block_types": ("UpDecoderBlock2D",) * 2,
-        "layers_per_block": 1,
-        "latent_channels": 4,
-        "norm_num_groups": 4,
-        "use_quant_conv": False,
-        "use_post_quant_conv": False,
+        **TINY_DIT_VAE_CONFIG,
         # SD3's VAE normalises latents with both a scale and a shift
         "shift_factor": 0.0609,
         "scaling_factor": 1.5035,
@@ -81,20 +45,21 @@ def tiny_sd3_pipeline(seed: int = 0, **overrides: Any):
         "num_attention_heads": 2,
         # the pipeline concatenates the two CLIP hidden states on the feature axis and pads them to
         # the T5 width (= joint_attention_dim without T5): it must cover 2 * CLIP width or they get cut
-        "joint_attention_dim": 2 * CLIP_WIDTH,
+        "joint_attention_dim": 2 * TINY_CLIP_WIDTH,
         "caption_projection_dim": 16,
         # pooled = both CLIP projections concatenated
-        "pooled_projection_dim": 2 * CLIP_WIDTH,
+        "pooled_projection_dim": 2 * TINY_CLIP_WIDTH,
         "pos_embed_max_size": 32,
         "dual_attention_layers": (0,),  # SD3.5 uses MMDiT-X blocks with a second self-attention
         "qk_norm": "rms_norm",
         **overrides,
     }
 
-    tokenizer = clip_tokenizer(num_merges=CLIP_MERGES)
-    tokenizer_2 = clip_tokenizer(num_merges=CLIP_MERGES)
-    text_encoder = _tiny_clip_with_projection(seed, tokenizer)
-    text_encoder_2 = _tiny_clip_with_projection(seed + 1, tokenizer_2)
+    tokenizer = clip_tokenizer(num_merges=TINY_CLIP_MERGES)
+    tokenizer_2 = clip_tokenizer(num_merges=TINY_CLIP_MERGES)
+    clip = dict(projection=True, hidden_size=TINY_CLIP_WIDTH, projection_dim=TINY_CLIP_WIDTH)
+    text_encoder = tiny_clip_text_encoder(tokenizer, seed=seed, **clip)
+    text_encoder_2 = tiny_clip_text_encoder(tokenizer_2, seed=seed + 1, **clip)
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(**transformer_kwargs).eval()
     torch.manual_seed(seed)

@@ -130,6 +130,51 @@ def t5_tokenizer(vocab_size: int = 256, model_max_length: int = 512):
     return AutoTokenizer.from_pretrained(t5_tokenizer_dir(vocab_size, model_max_length))
 
 
+#: RoBERTa's special tokens, at RoBERTa's ids (<s>=0, <pad>=1, </s>=2, <unk>=3; <mask> last)
+_ROBERTA_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
+
+
+def _roberta_vocab_and_merges(num_merges: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A RoBERTa-style byte-level BPE vocabulary from CLIP's first ``num_merges`` merges.
+
+    CLIP marks word ends with ``</w>`` while RoBERTa marks word starts with ``Ġ``; the merges that
+    involve ``</w>`` cannot be expressed in RoBERTa's scheme and are dropped. The rest are ordinary
+    byte-level merges (``t h -> th``), so tokenisation is a genuine byte-level BPE that covers any
+    text (every byte has a token).
+    """
+    clip_vocab, clip_merges = clip_vocab_and_merges(num_merges)
+    byte_tokens = list(clip_vocab)[:256]  # CLIP's vocabulary starts with the 256 byte symbols
+    merges = [m for m in clip_merges if not (m[0].endswith("</w>") or m[1].endswith("</w>"))]
+    vocab: dict[str, int] = {}
+    for tok in (*_ROBERTA_SPECIALS, *byte_tokens, *("".join(m) for m in merges), "<mask>"):
+        vocab.setdefault(tok, len(vocab))
+    return vocab, merges
+
+
+@functools.lru_cache(maxsize=None)
+def roberta_tokenizer_dir(num_merges: int = 1000, model_max_length: int = 77) -> str:
+    """A directory holding a RoBERTa tokenizer loadable by ``RobertaTokenizer.from_pretrained``.
+
+    Built once per process and argument set in a temp dir (the first call imports open_clip to read
+    the CLIP merges; later calls are free).
+    """
+    from transformers import RobertaTokenizer
+
+    vocab, merges = _roberta_vocab_and_merges(num_merges)
+    # transformers 5 takes the vocabulary and merges as data (vocab_file= is ignored)
+    tok = RobertaTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+    out = Path(tempfile.mkdtemp(prefix=f"mmalign-roberta-tok-{num_merges}-"))
+    tok.save_pretrained(str(out))
+    return str(out)
+
+
+def roberta_tokenizer(num_merges: int = 1000, model_max_length: int = 77):
+    """A fresh ``transformers.RobertaTokenizer`` built offline (see :func:`roberta_tokenizer_dir`)."""
+    from transformers import RobertaTokenizer
+
+    return RobertaTokenizer.from_pretrained(roberta_tokenizer_dir(num_merges, model_max_length))
+
+
 def tokenizer_vocab_size(tokenizer) -> int:
     """The number of ids a text encoder's embedding must cover for ``tokenizer``."""
     return len(tokenizer)
@@ -141,6 +186,8 @@ __all__ = [
     "clip_tokenizer_dir",
     "clip_vocab_and_merges",
     "clip_vocab_size",
+    "roberta_tokenizer",
+    "roberta_tokenizer_dir",
     "save_clip_tokenizer",
     "t5_tokenizer",
     "t5_tokenizer_dir",

@@ -36,8 +36,8 @@ def tiny_wan_pipeline(seed: int = 0, **overrides: Any):
         WanPipeline,
         WanTransformer3DModel,
     )
-    from transformers import UMT5Config, UMT5EncoderModel
 
+    from .components import tiny_t5_encoder
     from .tokenizers import t5_tokenizer
 
     overrides = dict(overrides)
@@ -69,24 +69,7 @@ def tiny_wan_pipeline(seed: int = 0, **overrides: Any):
     else:
         sched = FlowMatchEulerDiscreteScheduler(**{"shift": 3.0, **scheduler})
 
-    torch.manual_seed(seed)
-    te_config = UMT5Config(
-        **{
-            "vocab_size": len(tokenizer),
-            "d_model": 32,
-            "d_kv": 8,
-            "d_ff": 37,
-            "num_layers": 2,
-            "num_heads": 4,
-            "relative_attention_num_buckets": 8,
-            "dropout_rate": 0.0,
-            "pad_token_id": tokenizer.pad_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "decoder_start_token_id": tokenizer.pad_token_id,
-            **text_encoder,
-        }
-    )
-    te = UMT5EncoderModel(te_config).eval()
+    te = tiny_t5_encoder(tokenizer, umt5=True, seed=seed, **{"dropout_rate": 0.0, **text_encoder})
 
     torch.manual_seed(seed)
     dit = WanTransformer3DModel(
@@ -96,7 +79,7 @@ def tiny_wan_pipeline(seed: int = 0, **overrides: Any):
             "attention_head_dim": 12,
             "in_channels": 16,
             "out_channels": 16,
-            "text_dim": te_config.d_model,
+            "text_dim": te.config.d_model,
             "freq_dim": 256,
             "ffn_dim": 32,
             "num_layers": 2,

@@ -119,7 +119,7 @@ def test_bad_inputs_raise(adapter, pipe):
         adapter.encode_prompts([])
     with pytest.raises(TypeError, match="not strings"):
         adapter.encode_prompts(["ok", 3])
-    with pytest.raises(ValueError, match="negative_prompts has 1 entries but there are 2 prompts"):
+    with pytest.raises(ValueError, match="negative_prompts: 1 negative prompts for 2 prompts"):
         adapter.encode_prompts(PROMPTS, ["only one"], guidance_scale=2.0)
     with pytest.raises(ValueError, match="empty"):
         adapter.encode_prompts(PROMPTS, [], guidance_scale=2.0)

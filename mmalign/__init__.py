@@ -53,4 +53,11 @@ def load_model(model: str, **kwargs: Any):
     return _load(model, **kwargs)
 
 
-__all__ = ["__version__", "list_models", "list_rewards", "list_samplers", "list_trainers", "load_model"]
+def load_reward(name, **options: Any):
+    """A reward by registered name, or a Reward / plain callable; see :func:`mmalign.rewards.load_reward`."""
+    from .rewards import load_reward as _load
+
+    return _load(name, **options)
+
+
+__all__ = ["load_reward", "__version__", "list_models", "list_rewards", "list_samplers", "list_trainers", "load_model"]

@@ -61,6 +61,7 @@ def run_rollout_bench(cfg: RolloutBenchConfig, log: Callable[[str], None] = prin
         torch.set_num_threads(cfg.threads)
     adapter = tiny_adapter(cfg.family, **cfg.model_overrides)
     pipe = adapter.pipeline
+    pipe.set_progress_bar_config(disable=True)
     params = sum(p.numel() for p in adapter.denoiser.parameters())
     prompts = [f"prompt number {i}: a red circle left of a blue square" for i in range(cfg.batch_size)]
     latents = adapter.init_noise(cfg.batch_size, torch.Generator().manual_seed(0))

@@ -109,3 +109,134 @@ def save_media(samples: Tensor, modality: str, out_dir: str | os.PathLike, *, pr
         else:
             raise ValueError(f"unknown modality {modality!r}")
     return paths
+
+
+# ----------------------------------------------------------------------------- reading inputs for rewards
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def _pil_to_tensor(img) -> Tensor:
+    arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
+
+
+def _array_to_image(a: np.ndarray) -> Tensor:
+    """H,W,3 or 3,H,W numpy (uint8 0-255 or float 0-1) -> 3,H,W float32."""
+    if a.ndim != 3 or 3 not in (a.shape[0], a.shape[-1]):
+        raise ValueError(f"expected an image array H,W,3 or 3,H,W, got shape {a.shape}")
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    if a.shape[-1] == 3 and a.shape[0] != 3:
+        t = t.permute(2, 0, 1)
+    return t.float() / 255.0 if a.dtype == np.uint8 else t.float()
+
+
+def _read_gif_frames(path: Path) -> Tensor:
+    from PIL import Image, ImageSequence
+
+    with Image.open(path) as im:
+        return torch.stack([_pil_to_tensor(f) for f in ImageSequence.Iterator(im)])
+
+
+def _image_problem(t: Tensor) -> str | None:
+    if not torch.isfinite(t).all():
+        return "non-finite (NaN/inf) pixel values"
+    lo, hi = float(t.min()), float(t.max())
+    if lo < -1e-3 or hi > 1 + 1e-3:
+        return f"pixel values outside [0, 1] (min {lo:.3g}, max {hi:.3g}); images must be float in [0, 1]"
+    return None
+
+
+def _audio_problem(t: Tensor) -> str | None:
+    if not torch.isfinite(t).all():
+        return "non-finite (NaN/inf) audio samples"
+    peak = float(t.abs().max()) if t.numel() else 0.0
+    if peak > 1 + 1e-3:
+        return f"audio samples outside [-1, 1] (peak {peak:.3g})"
+    if t.shape[-1] == 0:
+        return "empty audio clip"
+    return None
+
+
+def load_media(samples, modality: str, *, sample_rate: int | None = None) -> tuple[list[Tensor], list[str | None]]:
+    """Bring reward inputs to canonical float32 tensors, one per item, with a reason for each item that
+    cannot be scored (None where fine). Batch-level mistakes (a wrong tensor layout) raise ValueError.
+
+    image: tensor B,3,H,W (float in [0,1] or uint8) or 3,H,W; or a list of PIL images, numpy arrays,
+           tensors or file paths -> items 3,H,W.
+    video: tensor B,T,3,H,W; or a list of T,3,H,W tensors / arrays or GIF paths -> items T,3,H,W.
+    audio: tensor B,C,N or B,N; or a list of C,N / N tensors, arrays or WAV paths -> items C,N.
+           WAV files at another rate than ``sample_rate`` are resampled.
+    Gradients are kept for tensor inputs (differentiable rewards).
+    """
+    expected = {"image": 4, "video": 5, "audio": 3}
+    if modality not in expected:
+        raise ValueError(f"unknown modality {modality!r}")
+    if isinstance(samples, Tensor):
+        t = samples
+        if modality == "image" and t.ndim == 3:
+            t = t[None]
+        if modality == "audio" and t.ndim == 2:
+            t = t[:, None]
+        if t.ndim != expected[modality] or (modality in ("image", "video") and t.shape[-3] != 3):
+            layout = {"image": "B,3,H,W", "video": "B,T,3,H,W", "audio": "B,C,N"}[modality]
+            raise ValueError(f"{modality} samples must be a tensor {layout}, got shape {tuple(samples.shape)}")
+        if t.dtype == torch.uint8:
+            t = t.float() / 255.0
+        items = list(t.float().unbind(0))
+    elif isinstance(samples, (list, tuple)):
+        items = list(samples)
+    else:
+        items = [samples]
+    out: list[Tensor] = []
+    reasons: list[str | None] = []
+    for item in items:
+        try:
+            tensor = _load_item(item, modality, sample_rate)
+        except (OSError, ValueError, SyntaxError, EOFError) as err:  # PIL raises several kinds on corrupt files
+            out.append(torch.zeros(0))
+            reasons.append(f"unreadable {modality}: {err}")
+            continue
+        out.append(tensor)
+        reasons.append(_audio_problem(tensor) if modality == "audio" else _image_problem(tensor))
+    return out, reasons
+
+
+def _load_item(item, modality: str, sample_rate: int | None) -> Tensor:
+    from PIL import Image
+
+    if isinstance(item, (str, os.PathLike)):
+        path = Path(item)
+        if not path.is_file():
+            raise OSError(f"file {str(path)!r} does not exist")
+        if modality == "image":
+            with Image.open(path) as im:
+                im.load()
+                return _pil_to_tensor(im)
+        if modality == "video":
+            return _read_gif_frames(path)
+        wav, sr = read_wav(path)
+        if sample_rate is not None and sr != sample_rate:
+            from .rewards.preprocess import resample_audio
+
+            wav = resample_audio(wav, sr, sample_rate)
+        return wav
+    if isinstance(item, Image.Image):
+        if modality != "image":
+            raise ValueError(f"a PIL image is not a {modality} sample")
+        return _pil_to_tensor(item)
+    if isinstance(item, np.ndarray):
+        if modality == "image":
+            return _array_to_image(item)
+        if modality == "video":
+            return torch.stack([_array_to_image(f) for f in item])
+        a = torch.from_numpy(np.ascontiguousarray(item)).float()
+        return a[None] if a.ndim == 1 else a
+    if isinstance(item, Tensor):
+        t = item.float() / 255.0 if item.dtype == torch.uint8 else item.float()
+        want = {"image": 3, "video": 4, "audio": 2}[modality]
+        if modality == "audio" and t.ndim == 1:
+            t = t[None]
+        if t.ndim != want:
+            raise ValueError(f"a {modality} item must have {want} dims, got shape {tuple(item.shape)}")
+        return t
+    raise ValueError(f"cannot read a {modality} sample from {type(item).__name__}")

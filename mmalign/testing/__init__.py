@@ -45,4 +45,43 @@ def tiny_adapter(family: str, seed: int = 0, adapter_kwargs: dict[str, Any] | No
     return adapter_cls(tiny_pipeline(family, seed=seed, **overrides), **(adapter_kwargs or {}))
 
 
-__all__ = ["tiny_adapter", "tiny_families", "tiny_pipeline"]
+# reward name -> "module:function" building it on tiny random weights; each takes (seed: int = 0, **options)
+_TINY_REWARDS = {
+    "clipscore": "mmalign.testing.clip_rewards:tiny_clipscore",
+    "pickscore": "mmalign.testing.clip_rewards:tiny_pickscore",
+    "hpsv2": "mmalign.testing.clip_rewards:tiny_hpsv2",
+    "hpsv2.1": "mmalign.testing.clip_rewards:tiny_hpsv21",
+    "aesthetic": "mmalign.testing.clip_rewards:tiny_aesthetic",
+    "goal_clip": "mmalign.testing.clip_rewards:tiny_goal_clip",
+    "vqascore": "mmalign.testing.vlm:tiny_vqascore",
+    "vlm_compare": "mmalign.testing.vlm:tiny_vlm_compare",
+    "qalign": "mmalign.testing.vlm:tiny_qalign",
+    "artifacts": "mmalign.testing.vlm:tiny_artifacts",
+    "video_frames": "mmalign.testing.media_rewards:tiny_video_frames",
+    "temporal_consistency": "mmalign.testing.media_rewards:tiny_temporal_consistency",
+    "video_vlm": "mmalign.testing.media_rewards:tiny_video_vlm",
+    "clap": "mmalign.testing.media_rewards:tiny_clap",
+    "jpeg_size": "mmalign.testing.media_rewards:tiny_jpeg_size",
+    "jpeg_compressibility": "mmalign.testing.media_rewards:tiny_jpeg_compressibility",
+    "verifiable": "mmalign.testing.media_rewards:tiny_verifiable",
+    "weighted_sum": "mmalign.testing.combine:tiny_weighted_sum",
+    "ensemble": "mmalign.testing.combine:tiny_ensemble",
+}
+
+
+def tiny_reward_names() -> list[str]:
+    """Rewards that have a tiny builder (every registered reward must)."""
+    return sorted(_TINY_REWARDS)
+
+
+def tiny_reward(name: str, seed: int = 0, **options: Any):
+    """Registered reward ``name`` on tiny seeded random weights built in code (no download)."""
+    try:
+        target = _TINY_REWARDS[name]
+    except KeyError:
+        raise RegistryError(f"unknown reward {name!r} (tiny builders: {', '.join(tiny_reward_names())})") from None
+    module, _, fn = target.partition(":")
+    return getattr(importlib.import_module(module), fn)(seed=seed, **options)
+
+
+__all__ = ["tiny_adapter", "tiny_families", "tiny_pipeline", "tiny_reward", "tiny_reward_names"]

@@ -138,6 +138,7 @@ def _read_gif_frames(path: Path) -> Tensor:
 
 
 def _image_problem(t: Tensor) -> str | None:
+    t = t.detach()
     if not torch.isfinite(t).all():
         return "non-finite (NaN/inf) pixel values"
     lo, hi = float(t.min()), float(t.max())
@@ -147,6 +148,7 @@ def _image_problem(t: Tensor) -> str | None:
 
 
 def _audio_problem(t: Tensor) -> str | None:
+    t = t.detach()
     if not torch.isfinite(t).all():
         return "non-finite (NaN/inf) audio samples"
     peak = float(t.abs().max()) if t.numel() else 0.0

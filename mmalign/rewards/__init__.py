@@ -25,11 +25,12 @@ _REWARDS = {
     "artifacts": ("mmalign.rewards.artifacts:load_artifacts", "artifact assessor: taxonomy of flaws asked as yes/no questions (MagicMirror-style)"),
     "video_frames": ("mmalign.rewards.video:load_video_frames", "an image reward over sampled frames, weighted"),
     "temporal_consistency": ("mmalign.rewards.video:load_temporal_consistency", "similarity of neighbouring frames' embeddings"),
-    "video_vlm": ("mmalign.rewards.video:load_video_vlm", "VLM yes-token reward over sampled frames"),
+    "video_vlm": ("mmalign.rewards.vlm:load_video_vlm", "VLM yes-token reward over sampled frames"),
     "clap": ("mmalign.rewards.audio:load_clap", "CLAP text-audio similarity with deterministic windows"),
     "jpeg_size": ("mmalign.rewards.rules:load_jpeg_size", "JPEG size in kB at quality 95 (incompressibility, DDPO)"),
     "jpeg_compressibility": ("mmalign.rewards.rules:load_jpeg_compressibility", "negated JPEG size in kB (compressibility, DDPO)"),
     "verifiable": ("mmalign.rewards.rules:load_verifiable", "a verifiable rule: a function of the sample and metadata"),
+    "shapeeval": ("mmalign.embedded.shapeeval:load_shapeeval", "ShapeEval: rule-based verifier of ShapeWorld prompts (per-clause credit; strict in components)"),
     "weighted_sum": ("mmalign.rewards.combine:load_weighted_sum", "weighted sum of rewards, each normalised"),
     "ensemble": ("mmalign.rewards.combine:load_ensemble", "ensemble: mean, worst-case (min) or mean - lambda * variance"),
 }

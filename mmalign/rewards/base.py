@@ -35,6 +35,7 @@ class ScoreBatch:
     scores: Tensor  # n float32
     components: dict[str, Tensor] = field(default_factory=dict)  # name -> n or n,... float32
     uncertainty: Tensor | None = None  # n
+    reasons: list[str | None] | None = None  # n: why an item could not be scored (its score must be NaN)
 
 
 @dataclass
@@ -231,8 +232,12 @@ class Reward(nn.Module):
         scores = scatter([c.scores for c in chunks]) if chunks else torch.full((batch,), math.nan)
         components = {k: scatter([c.components[k] for c in chunks]) for k in (chunks[0].components if chunks else {})}
         unc = scatter([c.uncertainty for c in chunks]) if chunks and chunks[0].uncertainty is not None else None
-        # a reward that produced NaN itself marks the item invalid rather than passing NaN on silently
         reasons = list(reasons)
+        notes = [r for c in chunks for r in (c.reasons if c.reasons is not None else [None] * c.scores.shape[0])]
+        for i, note in zip(valid_idx, notes):  # per-item reasons given by score()
+            if note is not None:
+                reasons[i] = note
+        # a reward that produced NaN itself marks the item invalid rather than passing NaN on silently
         bad = ~torch.isfinite(scores.detach())
         for i in range(batch):
             if reasons[i] is None and bool(bad[i]):

@@ -59,11 +59,12 @@ _TINY_REWARDS = {
     "artifacts": "mmalign.testing.vlm:tiny_artifacts",
     "video_frames": "mmalign.testing.media_rewards:tiny_video_frames",
     "temporal_consistency": "mmalign.testing.media_rewards:tiny_temporal_consistency",
-    "video_vlm": "mmalign.testing.media_rewards:tiny_video_vlm",
+    "video_vlm": "mmalign.testing.vlm:tiny_video_vlm",
     "clap": "mmalign.testing.media_rewards:tiny_clap",
     "jpeg_size": "mmalign.testing.media_rewards:tiny_jpeg_size",
     "jpeg_compressibility": "mmalign.testing.media_rewards:tiny_jpeg_compressibility",
     "verifiable": "mmalign.testing.media_rewards:tiny_verifiable",
+    "shapeeval": "mmalign.embedded.shapeeval:tiny_shapeeval",
     "weighted_sum": "mmalign.testing.combine:tiny_weighted_sum",
     "ensemble": "mmalign.testing.combine:tiny_ensemble",
 }

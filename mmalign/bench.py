@@ -2,6 +2,14 @@
 
 ``rollout``: wall time of the plain diffusers ``pipeline(...)`` call vs mmalign's recorded sampler on the
 same model, steps, batch and initial latents (median over repeats, after a warm-up), and the ratio.
+
+``rewards``: throughput of ``reward(images, prompts)`` (input checks, batching, preprocessing,
+tokenisation, assembly) vs the bare CLIP forward on the same, already preprocessed, tensors.
+
+Shipped ``configs/bench_*.yaml`` files name their benchmark and hold its settings in a section::
+
+    name: rewards
+    rewards: {batch_size: 16}
 """
 from __future__ import annotations
 
@@ -9,7 +17,7 @@ import json
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 
@@ -51,6 +59,20 @@ def _median_seconds(fn: Callable[[], Any], repeats: int) -> tuple[float, list[fl
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), times
+
+
+def _interleaved_seconds(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+    """Time each variant once per round, rounds repeated: slow drifts of a shared machine's load hit
+    every variant alike instead of biasing whichever ran during a busy spell."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
 
 
 def run_rollout_bench(cfg: RolloutBenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -101,5 +123,149 @@ def run_rollout_bench(cfg: RolloutBenchConfig, log: Callable[[str], None] = prin
     return summary
 
 
+def _default_bench_clip() -> dict[str, Any]:
+    return {
+        "projection_dim": 256,
+        "vision_config": {"image_size": 224, "patch_size": 32, "hidden_size": 256, "intermediate_size": 1024,
+                          "num_attention_heads": 8, "num_hidden_layers": 4},
+        "text_config": {"hidden_size": 256, "intermediate_size": 1024, "num_attention_heads": 8, "num_hidden_layers": 4},
+    }
+
+
+@dataclass
+class RewardsBenchConfig:
+    """``mmalign bench rewards``: overhead of ``reward(images, prompts)`` over the bare model forward."""
+
+    reward: Literal["clipscore", "pickscore"] = "clipscore"
+    """CLIP-family reward (transformers CLIPModel backbone) built on random weights in code."""
+    clip: dict[str, Any] = field(default_factory=_default_bench_clip)
+    """CLIPConfig overrides of the tiny CLIP builder: the default is a small-but-not-trivial ViT-B/32-like
+    model at 224 px (4 layers of width 256 per tower)."""
+    image_size: int = 224
+    """Side of the input images. At the model's input size (224) preprocessing is only the mean/std
+    normalisation; a larger side adds the reward's bicubic resize to the measured overhead."""
+    batch_size: int = 16
+    """Images (and prompts) per call."""
+    repeats: int = 10
+    """Timed repeats of each variant (after one warm-up); the median is reported."""
+    threads: int | None = None
+    """torch intra-op threads (None: torch's default)."""
+    json_out: str | None = None
+    """Also write the numbers to this JSON file."""
+
+    def __post_init__(self) -> None:
+        if self.repeats < 1 or self.batch_size < 1 or self.image_size < 1:
+            raise ValueError("repeats, batch_size and image_size must be >= 1")
+
+
+def run_rewards_bench(cfg: RewardsBenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    import torch.nn.functional as F
+
+    from .rewards.clip import load_clipscore, load_pickscore
+    from .testing.clip_rewards import tiny_clip_model
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model, tok = tiny_clip_model(0, **cfg.clip)
+    loader = {"clipscore": load_clipscore, "pickscore": load_pickscore}[cfg.reward]
+    reward = loader(model=model, tokenizer=tok, batch_size=cfg.batch_size, weights_id="bench (random weights)").eval()
+    params = sum(p.numel() for p in model.parameters())
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(cfg.batch_size, 3, cfg.image_size, cfg.image_size, generator=g)
+    prompts = [f"prompt number {i}: a red circle left of a blue square" for i in range(cfg.batch_size)]
+    backbone = reward.backbone
+    with torch.no_grad():
+        pixels = reward.preprocess(images)  # the very tensors the reward feeds its model
+        tokens = backbone.tokenize(prompts)
+    log(f"rewards bench: {cfg.reward} on a random CLIP of {params / 1e6:.1f}M params "
+        f"(model input {tuple(pixels.shape[1:])}), images {cfg.image_size}x{cfg.image_size}, batch {cfg.batch_size}, "
+        f"{torch.get_num_threads()} threads, {cfg.repeats} repeats")
+
+    @torch.no_grad()
+    def bare():
+        img = F.normalize(_bench_pooled(model.get_image_features(pixel_values=pixels)).float(), dim=-1)
+        txt = F.normalize(_bench_pooled(model.get_text_features(**tokens)).float(), dim=-1)
+        cos = (img * txt).sum(-1)
+        return (100 * cos).clamp(min=0) if cfg.reward == "clipscore" else model.logit_scale.exp() * cos
+
+    @torch.no_grad()
+    def full():
+        return reward(images, prompts).scores
+
+    @torch.no_grad()
+    def prep():
+        reward.preprocess(images)
+        backbone.tokenize(prompts)
+
+    torch.testing.assert_close(full(), bare(), rtol=1e-4, atol=1e-4)  # the same computation
+    variants = {"bare model forward (preprocessed tensors)": bare, "reward(images, prompts)": full,
+                "  of which preprocessing + tokenisation": prep}
+    timed = _interleaved_seconds(variants, cfg.repeats)
+    results = {}
+    base = None
+    for name, times in timed.items():
+        med = statistics.median(times)
+        base = med if base is None else base
+        results[name] = {"median_s": med, "times_s": times, "ratio_vs_bare": med / base,
+                         "images_per_s": cfg.batch_size / med}
+        log(f"  {name:45s} median {med * 1000:8.1f} ms   {cfg.batch_size / med:8.1f} img/s   ratio {med / base:5.3f}")
+    overhead = results["reward(images, prompts)"]["ratio_vs_bare"] - 1
+    prep_share = results["  of which preprocessing + tokenisation"]["ratio_vs_bare"]
+    log(f"reward-call overhead over the bare forward: {overhead * 100:+.1f}% (target < 10%); "
+        f"preprocessing + tokenisation alone: {prep_share * 100:.1f}%")
+    summary = {"config": cfg.__dict__, "model_params": params, "results": results, "overhead": overhead,
+               "preprocessing_share": prep_share}
+    if cfg.json_out:
+        with open(cfg.json_out, "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
+
+
+def _bench_pooled(out: Any) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
 #: name -> (config class, runner)
-BENCHMARKS: dict[str, tuple[type, Callable[..., Any]]] = {"rollout": (RolloutBenchConfig, run_rollout_bench)}
+BENCHMARKS: dict[str, tuple[type, Callable[..., Any]]] = {
+    "rollout": (RolloutBenchConfig, run_rollout_bench),
+    "rewards": (RewardsBenchConfig, run_rewards_bench),
+}
+
+
+@dataclass
+class BenchConfig:
+    """A ``configs/bench_*.yaml`` file: which benchmark it runs, and that benchmark's settings."""
+
+    name: Literal["rollout", "rewards"]
+    """The benchmark (``mmalign bench --config FILE`` runs it)."""
+    rollout: RolloutBenchConfig = field(default_factory=RolloutBenchConfig)
+    """Settings of ``mmalign bench rollout``."""
+    rewards: RewardsBenchConfig = field(default_factory=RewardsBenchConfig)
+    """Settings of ``mmalign bench rewards``."""
+
+
+def load_bench_config(name: str | None, path: str | None = None, overrides: Sequence[str] = ()) -> tuple[str, Any]:
+    """(benchmark name, its config) from an optional YAML file plus ``key=value`` overrides.
+
+    A file with a top-level ``name`` is a :class:`BenchConfig` (validated whole; the named section is
+    used); any other file holds the settings of benchmark ``name`` directly.
+    """
+    import copy
+
+    from .config import ConfigError, apply_overrides, from_dict, load_yaml
+
+    data = load_yaml(path) if path is not None else {}
+    if "name" in data:
+        suite = from_dict(BenchConfig, data)  # strict: every section must be valid
+        if name is not None and name != suite.name:
+            raise ConfigError(f"config file {path!r} is for benchmark {suite.name!r}, not {name!r}")
+        name = suite.name
+        section = copy.deepcopy(data.get(name) or {})
+    else:
+        if name is None:
+            raise ConfigError(f"config file {path!r} has no 'name' key: say which benchmark to run ({', '.join(BENCHMARKS)})")
+        section = copy.deepcopy(data)
+    if name not in BENCHMARKS:
+        raise ConfigError(f"unknown benchmark {name!r} (known: {', '.join(sorted(BENCHMARKS))})")
+    cfg_cls = BENCHMARKS[name][0]
+    return name, from_dict(cfg_cls, apply_overrides(section, overrides))

@@ -1,4 +1,4 @@
-"""The ``mmalign`` command line: ``mmalign sample|score|train|eval|app|bench|list``.
+"""The ``mmalign`` command line: ``mmalign sample|score|eval-reward|eval|train|app|bench|list``.
 
 Configs come from ``--config file.yaml`` plus ``key.sub=value`` overrides; bad input prints
 ``mmalign: error: ...`` and exits with status 2 (never a traceback, unless ``MMALIGN_DEBUG=1``).
@@ -17,10 +17,11 @@ EXIT_USAGE = 2
 
 def config_kinds() -> dict[str, type]:
     """Config file name prefix -> config class: shipped configs are named ``<kind>_*.yaml``."""
-    from .bench import RolloutBenchConfig
-    from .jobs import SampleJobConfig
+    from .bench import BenchConfig
+    from .jobs import EvalRewardJobConfig, SampleJobConfig, ScoreJobConfig
 
-    return {"sample": SampleJobConfig, "bench": RolloutBenchConfig}
+    # bench_*.yaml files name their benchmark (``name: rollout|rewards``) and hold its section
+    return {"sample": SampleJobConfig, "bench": BenchConfig, "score": ScoreJobConfig, "eval": EvalRewardJobConfig}
 
 
 class CLIError(Exception):
@@ -62,16 +63,98 @@ def cmd_sample(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import BENCHMARKS
+    from .bench import BENCHMARKS, load_bench_config
 
-    if args.name not in BENCHMARKS:
-        raise CLIError(f"unknown benchmark {args.name!r} (known: {', '.join(sorted(BENCHMARKS))})")
-    cfg_cls, runner = BENCHMARKS[args.name]
-    cfg = _load(cfg_cls, args)
+    name = args.name
+    if name is not None and "=" in name:  # `mmalign bench --config f.yaml key=value`: no name given
+        args.overrides = [name, *args.overrides]
+        name = None
+    if name is None and not args.config:
+        raise CLIError(f"name a benchmark ({', '.join(sorted(BENCHMARKS))}) or give --config bench_*.yaml")
+    if name is not None and name not in BENCHMARKS:
+        raise CLIError(f"unknown benchmark {name!r} (known: {', '.join(sorted(BENCHMARKS))})")
+    name, cfg = load_bench_config(name, args.config, args.overrides)
+    runner = BENCHMARKS[name][1]
     if args.show_config:
         _show(cfg)
         return 0
     runner(cfg)
+    return 0
+
+
+def _reward_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reward", "-r", metavar="NAME",
+                   help="registered reward, tiny:NAME (tiny random weights, offline) or package.module:factory")
+    p.add_argument("--reward-option", "-o", action="append", default=[], metavar="key=value",
+                   help="reward factory option (value parsed as YAML; repeatable), e.g. weights=[1,0.5]")
+    p.add_argument("--device", help="torch device of the reward model (default cpu)")
+    p.add_argument("--batch-size", type=int, help="files per reward call")
+    p.add_argument("--json", dest="json_out", metavar="OUT.json", help="also write the results as JSON")
+    p.add_argument("--config", "-c", help="YAML config file (flags override its values)")
+    p.add_argument("--show-config", action="store_true", help="print the resolved config and its fields, then exit")
+
+
+def _reward_job_data(args) -> dict:
+    from .config import apply_overrides, load_yaml
+
+    data = load_yaml(args.config) if args.config else {}
+    reward = data.setdefault("reward", {})
+    if not isinstance(reward, dict):
+        raise CLIError(f"config key 'reward' must be a mapping with name and options, got {reward!r}")
+    if args.reward:
+        if reward.get("name") not in (None, args.reward):
+            reward["options"] = {}  # options of the config's reward do not apply to another one
+        reward["name"] = args.reward
+    if args.reward_option:
+        reward["options"] = apply_overrides(dict(reward.get("options") or {}), args.reward_option)
+    if args.device:
+        reward["device"] = args.device
+    if "name" not in reward:
+        raise CLIError("no reward given: use --reward NAME (see 'mmalign list rewards'; tiny:NAME builds a tiny offline one)")
+    for key in ("batch_size", "json_out"):
+        if getattr(args, key) is not None:
+            data[key] = getattr(args, key)
+    return data
+
+
+def cmd_score(args) -> int:
+    from .config import from_dict
+    from .jobs import ScoreJobConfig, run_score
+
+    data = _reward_job_data(args)
+    if args.files:
+        data["files"] = list(args.files)
+    if args.prompt:
+        data["prompts"] = list(args.prompt)
+    if args.prompts_file:
+        data["prompts_file"] = args.prompts_file
+    cfg = from_dict(ScoreJobConfig, data)
+    if args.show_config:
+        _show(cfg)
+        return 0
+    run_score(cfg)
+    return 0
+
+
+def cmd_eval_reward(args) -> int:
+    from .config import from_dict
+    from .jobs import EvalRewardJobConfig, run_eval_reward
+
+    if args.command == "eval" and not (args.reward or args.data or args.config):
+        raise CLIError(f"'mmalign eval' of generative models on prompt suites is not available in mmalign {__version__} yet; "
+                       "to evaluate a reward model on preference data: mmalign eval --reward NAME --data prefs.jsonl")
+    data = _reward_job_data(args)
+    if args.data:
+        data["data"] = args.data
+    if args.tol is not None:
+        data["tol"] = args.tol
+    if "data" not in data:
+        raise CLIError("no preference data given: use --data prefs.jsonl (or a folder of pairs)")
+    cfg = from_dict(EvalRewardJobConfig, data)
+    if args.show_config:
+        _show(cfg)
+        return 0
+    run_eval_reward(cfg)
     return 0
 
 
@@ -83,8 +166,9 @@ def cmd_list(args) -> int:
     for kind in [args.kind] if args.kind else list(tables):
         described = tables[kind](describe=True)
         print(f"{kind}:" + ("" if described else " (none yet)"))
+        width = max([12, *(len(n) for n in described)])
         for name, doc in described.items():
-            print(f"  {name:12s} {doc}")
+            print(f"  {name:{width}s} {doc}")
     return 0
 
 
@@ -105,8 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("bench", help="benchmarks that print numbers (e.g. 'rollout')")
-    p.add_argument("name", help="benchmark name: rollout")
+    p = sub.add_parser("bench", help="benchmarks that print numbers ('rollout', 'rewards')")
+    p.add_argument("name", nargs="?", help="benchmark name: rollout or rewards (or taken from a bench_*.yaml --config)")
     _config_args(p)
     p.set_defaults(func=cmd_bench)
 
@@ -114,8 +198,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind", nargs="?", choices=["models", "samplers", "rewards", "trainers"])
     p.set_defaults(func=cmd_list)
 
-    for name, what in [("score", "score media with reward models"), ("train", "align a model to rewards"),
-                       ("eval", "evaluate a model on a prompt suite"), ("app", "Gradio inspection apps")]:
+    p = sub.add_parser("score", help="score media files with a reward model; prints a table")
+    p.add_argument("files", nargs="*", help="media files: images, GIF videos, WAV audio")
+    p.add_argument("--prompt", "-p", action="append", help="prompt for every file, or repeat once per file")
+    p.add_argument("--prompts-file", help="text file with one prompt per line (one for all files, or one per file)")
+    _reward_args(p)
+    p.set_defaults(func=cmd_score)
+
+    for name, what in [("eval-reward", "pairwise accuracy of a reward model on human preference data"),
+                       ("eval", "evaluate a reward on preference data (--reward, --data); model evaluation comes later")]:
+        p = sub.add_parser(name, help=what)
+        p.add_argument("--data", "-d", help="preference set: JSONL file or folder of pairs")
+        p.add_argument("--tol", type=float, help="score differences within tol are predicted ties (default 0)")
+        _reward_args(p)
+        p.set_defaults(func=cmd_eval_reward)
+
+    for name, what in [("train", "align a model to rewards"), ("app", "Gradio inspection apps")]:
         p = sub.add_parser(name, help=f"{what} (coming in a later release)")
         _config_args(p)
         p.set_defaults(func=_not_yet(name, what))
@@ -130,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except (CLIError, ConfigError, RegistryError, ValueError, TypeError, OSError) as err:
+    except (CLIError, ConfigError, RegistryError, ValueError, TypeError, OSError, ImportError) as err:
         if os.environ.get("MMALIGN_DEBUG") == "1":
             raise
         print(f"mmalign: error: {err}", file=sys.stderr)

@@ -120,3 +120,161 @@ def run_sample(cfg: SampleJobConfig, log=print) -> dict[str, Any]:
     (out / "samples.json").write_text(json.dumps(summary, indent=2))
     log(f"wrote {len(paths)} samples{'' if grid_path is None else ' and ' + str(grid_path)} in {seconds:.1f}s")
     return summary
+
+
+# ----------------------------------------------------------------------------- rewards: score, eval
+@dataclass
+class RewardConfig:
+    """Which reward to build."""
+
+    name: str
+    """A registered reward (``clipscore``), ``tiny:<name>`` (tiny random weights, offline),
+    or ``package.module:factory``."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Keyword options of the reward's factory (e.g. ``{rewards: [tiny:jpeg_size, tiny:clipscore], weights: [1, 0.5]}``)."""
+    device: str = "cpu"
+    """torch device for the reward model."""
+
+
+def build_reward(cfg: RewardConfig):
+    """The reward a :class:`RewardConfig` names, on its device, in eval mode."""
+    from .rewards.combine import resolve_reward
+
+    reward = resolve_reward(cfg.name, **cfg.options)
+    return reward.to(cfg.device).eval()
+
+
+@dataclass
+class ScoreJobConfig:
+    """``mmalign score``: score media files with a reward; prints a table, optionally writes JSON."""
+
+    reward: RewardConfig
+    """The reward to score with."""
+    files: list[str] = field(default_factory=list)
+    """Media files (images, GIF videos, WAV audio)."""
+    prompts: list[str] = field(default_factory=list)
+    """One prompt for every file, or one per file (ignored when prompts_file is set)."""
+    prompts_file: str | None = None
+    """A text file with one prompt per line (one line for all files, or one per file)."""
+    batch_size: int = 16
+    """Files per reward call (files of one size are batched together)."""
+    fps: float | None = None
+    """Frame rate of video files, for rewards that need it."""
+    sample_rate: int | None = None
+    """Target sample rate for audio files (resampled when they differ)."""
+    json_out: str | None = None
+    """Also write the scores (and the reward's provenance) to this JSON file."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class EvalRewardJobConfig:
+    """``mmalign eval-reward``: pairwise accuracy of a reward on human preference data."""
+
+    reward: RewardConfig
+    """The reward to evaluate."""
+    data: str
+    """Preference set: a JSONL file or a folder (see the README's Rewards section)."""
+    tol: float = 0.0
+    """Score differences within this tolerance count as predicted ties."""
+    batch_size: int = 16
+    """Files per reward call."""
+    json_out: str | None = None
+    """Also write the report (overall, per category, per pair) to this JSON file."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.tol < 0:
+            raise ValueError(f"tol must be >= 0, got {self.tol}")
+
+
+def _jsonable(obj: Any) -> Any:
+    """NaN/inf -> None (strict JSON), tuples -> lists, everything else unknown -> str."""
+    if isinstance(obj, float):
+        return obj if obj == obj and abs(obj) != float("inf") else None
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if obj is None or isinstance(obj, (str, int, bool)):
+        return obj
+    return str(obj)
+
+
+def _fmt_score(x: float) -> str:
+    return "nan" if x != x else f"{x:.4g}"
+
+
+def _short(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def score_table(files: list[str], prompts: list[str] | None, rows: list[dict[str, Any]], max_components: int = 3) -> str:
+    """Fixed-width table: file, prompt, score, valid/reason and the first few scalar components."""
+    comp_names: list[str] = []
+    for row in rows:
+        for k in row:
+            if k not in ("score", "valid", "reason") and k not in comp_names:
+                comp_names.append(k)
+    comp_names = comp_names[:max_components]
+    fw = min(max([len("file")] + [len(Path(f).name) for f in files]), 32)
+    pw = min(max([len("prompt")] + [len(p) for p in (prompts or [])]), 32)
+    head = f"{'file':{fw}s}  {'prompt':{pw}s}  {'score':>10s}  " + "".join(f"{_short(c, 12):>12s}  " for c in comp_names) + "valid"
+    lines = [head, "-" * len(head)]
+    for i, (f, row) in enumerate(zip(files, rows)):
+        p = prompts[i] if prompts else ""
+        comps = "".join(f"{_fmt_score(row[c]) if isinstance(row.get(c), float) else '-':>12s}  " for c in comp_names)
+        status = "yes" if row["valid"] else f"no: {row['reason']}"
+        lines.append(f"{_short(Path(f).name, fw):{fw}s}  {_short(p, pw):{pw}s}  {_fmt_score(row['score']):>10s}  {comps}{status}")
+    return "\n".join(lines)
+
+
+def run_score(cfg: ScoreJobConfig, log=print) -> dict[str, Any]:
+    """Run ``mmalign score``; returns ``{"reward", "provenance", "items"}`` (also written to json_out)."""
+    from .rewards.judge import score_files
+
+    if not cfg.files:
+        raise ValueError("no files to score: give media files after the options")
+    missing = [f for f in cfg.files if not Path(f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"file {missing[0]!r} does not exist" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    prompts = read_prompts(cfg.prompts_file) if cfg.prompts_file else list(cfg.prompts)
+    if prompts:
+        if len(prompts) == 1:
+            prompts = prompts * len(cfg.files)
+        elif len(prompts) != len(cfg.files):
+            raise ValueError(f"{len(prompts)} prompts for {len(cfg.files)} files: give one prompt for all files, or one per file")
+    reward = build_reward(cfg.reward)
+    if "prompt" in reward.needs and not prompts:
+        raise ValueError(f"reward {reward.name!r} needs prompts: give --prompt TEXT (or --prompts-file)")
+    kwargs = {k: v for k, v in (("fps", cfg.fps), ("sample_rate", cfg.sample_rate)) if v is not None}
+    rows = score_files(reward, cfg.files, prompts or None, batch_size=cfg.batch_size, **kwargs)
+    log(f"reward: {reward.name} ({'higher' if reward.higher_is_better else 'lower'} is better)")
+    log(score_table(cfg.files, prompts or None, rows))
+    items = [{"file": f, "prompt": prompts[i] if prompts else None, **row} for i, (f, row) in enumerate(zip(cfg.files, rows))]
+    summary = {"reward": reward.name, "provenance": reward.provenance(), "items": items}
+    if cfg.json_out:
+        Path(cfg.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.json_out).write_text(json.dumps(_jsonable(summary), indent=2))
+        log(f"wrote {cfg.json_out}")
+    return summary
+
+
+def run_eval_reward(cfg: EvalRewardJobConfig, log=print):
+    """Run ``mmalign eval-reward``; returns the :class:`~mmalign.rewards.judge.JudgeReport`."""
+    from .rewards.judge import evaluate_reward, load_preferences
+
+    data = load_preferences(cfg.data)
+    reward = build_reward(cfg.reward)
+    report = evaluate_reward(reward, data, tol=cfg.tol, batch_size=cfg.batch_size)
+    log(f"reward: {reward.name} on {cfg.data} ({len(data)} pairs, tie tolerance {cfg.tol:g})")
+    log(report.table())
+    if cfg.json_out:
+        Path(cfg.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.json_out).write_text(json.dumps(_jsonable(report.to_dict()), indent=2))
+        log(f"wrote {cfg.json_out}")
+    return report

@@ -159,7 +159,27 @@ def _audio_problem(t: Tensor) -> str | None:
     return None
 
 
-def load_media(samples, modality: str, *, sample_rate: int | None = None) -> tuple[list[Tensor], list[str | None]]:
+def _batch_problems(t: Tensor, modality: str) -> list[str | None]:
+    """Per-row validity of a batched tensor in one pass (aminmax per row; NaN propagates into it)."""
+    if t.shape[0] == 0:
+        return []
+    lo, hi = torch.aminmax(t.detach().reshape(t.shape[0], -1), dim=1)
+    reasons: list[str | None] = []
+    for a, b in zip(lo.tolist(), hi.tolist()):
+        if not (math.isfinite(a) and math.isfinite(b)):
+            reasons.append(f"non-finite (NaN/inf) {'audio samples' if modality == 'audio' else 'pixel values'}")
+        elif modality == "audio" and max(-a, b) > 1 + 1e-3:
+            reasons.append(f"audio samples outside [-1, 1] (peak {max(-a, b):.3g})")
+        elif modality != "audio" and (a < -1e-3 or b > 1 + 1e-3):
+            reasons.append(f"pixel values outside [0, 1] (min {a:.3g}, max {b:.3g}); images must be float in [0, 1]")
+        elif modality == "audio" and t.shape[-1] == 0:
+            reasons.append("empty audio clip")
+        else:
+            reasons.append(None)
+    return reasons
+
+
+def load_media(samples, modality: str, *, sample_rate: int | None = None) -> tuple[Tensor | list[Tensor], list[str | None]]:
     """Bring reward inputs to canonical float32 tensors, one per item, with a reason for each item that
     cannot be scored (None where fine). Batch-level mistakes (a wrong tensor layout) raise ValueError.
 
@@ -168,7 +188,8 @@ def load_media(samples, modality: str, *, sample_rate: int | None = None) -> tup
     video: tensor B,T,3,H,W; or a list of T,3,H,W tensors / arrays or GIF paths -> items T,3,H,W.
     audio: tensor B,C,N or B,N; or a list of C,N / N tensors, arrays or WAV paths -> items C,N.
            WAV files at another rate than ``sample_rate`` are resampled.
-    Gradients are kept for tensor inputs (differentiable rewards).
+    Gradients are kept for tensor inputs (differentiable rewards). A batched tensor input comes back as
+    one float32 tensor (rows are items); other inputs as a list of item tensors.
     """
     expected = {"image": 4, "video": 5, "audio": 3}
     if modality not in expected:
@@ -182,10 +203,9 @@ def load_media(samples, modality: str, *, sample_rate: int | None = None) -> tup
         if t.ndim != expected[modality] or (modality in ("image", "video") and t.shape[-3] != 3):
             layout = {"image": "B,3,H,W", "video": "B,T,3,H,W", "audio": "B,C,N"}[modality]
             raise ValueError(f"{modality} samples must be a tensor {layout}, got shape {tuple(samples.shape)}")
-        if t.dtype == torch.uint8:
-            t = t.float() / 255.0
-        items = list(t.float().unbind(0))
-    elif isinstance(samples, (list, tuple)):
+        t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
+        return t, _batch_problems(t, modality)  # stays one tensor: no per-item split and re-stack
+    if isinstance(samples, (list, tuple)):
         items = list(samples)
     else:
         items = [samples]

@@ -194,8 +194,8 @@ class Reward(nn.Module):
         chunks: list[ScoreBatch] = []
         for start in range(0, len(valid_idx), self.batch_size):
             idx = valid_idx[start : start + self.batch_size]
-            chunk = self._stack([items[i] for i in idx])
-            ref_chunk = None if refs is None else self._stack([refs[i] for i in idx])
+            chunk = self._select(items, idx)
+            ref_chunk = None if refs is None else self._select(refs, idx)
             out = self.score(
                 chunk,
                 None if prompts is None else [prompts[i] for i in idx],
@@ -208,6 +208,14 @@ class Reward(nn.Module):
                 raise RuntimeError(f"{self.name}.score returned shape {tuple(out.scores.shape)} for {len(idx)} items")
             chunks.append(out)
         return self._assemble(batch, valid_idx, reasons, chunks)
+
+    def _select(self, items: Tensor | list[Tensor], idx: list[int]) -> Tensor:
+        """Rows ``idx`` as one float32 batch: an index into a batched tensor, or a stack of items."""
+        if isinstance(items, Tensor):
+            if len(idx) == items.shape[0]:
+                return items
+            return items[torch.tensor(idx, dtype=torch.long, device=items.device)]
+        return self._stack([items[i] for i in idx])
 
     def _stack(self, items: list[Tensor]) -> Tensor:
         shapes = {tuple(t.shape) for t in items}
@@ -272,7 +280,8 @@ class CallableReward(Reward):
         self.needs = frozenset(needs)  # type: ignore[misc]
         self.differentiable = differentiable  # type: ignore[misc]
         self.higher_is_better = higher_is_better  # type: ignore[misc]
-        super().__init__(batch_size=batch_size, preprocessing={"callable": repr(fn)})
+        # the qualified name, not repr(): provenance must not change from run to run (memory addresses)
+        super().__init__(batch_size=batch_size, preprocessing={"callable": f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"})
         self.fn = fn
 
     def score(self, samples, prompts, references, metadata, **media_info) -> ScoreBatch:

@@ -140,9 +140,11 @@ def cmd_eval_reward(args) -> int:
     from .config import from_dict
     from .jobs import EvalRewardJobConfig, run_eval_reward
 
+    if args.command == "eval" and (getattr(args, "model", None) or getattr(args, "prompts", None) or _config_is_model_eval(args)):
+        return cmd_eval_model(args)
     if args.command == "eval" and not (args.reward or args.data or args.config):
-        raise CLIError(f"'mmalign eval' of generative models on prompt suites is not available in mmalign {__version__} yet; "
-                       "to evaluate a reward model on preference data: mmalign eval --reward NAME --data prefs.jsonl")
+        raise CLIError("mmalign eval needs either --model M --prompts SUITE [--reward R ...] (a generative model on a "
+                       "prompt suite) or --reward NAME --data prefs.jsonl (a reward model on preference data)")
     data = _reward_job_data(args)
     if args.data:
         data["data"] = args.data
@@ -155,6 +157,41 @@ def cmd_eval_reward(args) -> int:
         _show(cfg)
         return 0
     run_eval_reward(cfg)
+    return 0
+
+
+def _config_is_model_eval(args) -> bool:
+    from .config import load_yaml
+
+    return bool(args.config) and "prompts" in load_yaml(args.config)
+
+
+def cmd_eval_model(args) -> int:
+    from .config import apply_overrides, from_dict, load_yaml
+    from .jobs import EvalModelJobConfig, run_eval_model
+
+    data = load_yaml(args.config) if args.config else {}
+    if args.model:
+        data.setdefault("model", {})["name"] = args.model
+    if args.prompts:
+        data["prompts"] = args.prompts
+    if args.reward:
+        # one reward from the flags; several through the config or a rewards=[...] override
+        data["rewards"] = [{"name": args.reward, "options": apply_overrides({}, args.reward_option)}]
+    if args.device:
+        data.setdefault("model", {})["device"] = args.device
+        for r in data.get("rewards", []):
+            r["device"] = args.device
+    if args.json_out:
+        raise CLIError("--json is for reward evaluation; model evaluation writes report.json into out=DIR")
+    data = apply_overrides(data, args.overrides)
+    if "prompts" not in data:
+        raise CLIError("no prompt suite given: use --prompts assets/prompts/....txt")
+    cfg = from_dict(EvalModelJobConfig, data)
+    if args.show_config:
+        _show(cfg)
+        return 0
+    run_eval_model(cfg)
     return 0
 
 
@@ -206,10 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_score)
 
     for name, what in [("eval-reward", "pairwise accuracy of a reward model on human preference data"),
-                       ("eval", "evaluate a reward on preference data (--reward, --data); model evaluation comes later")]:
+                       ("eval", "evaluate a model on a prompt suite (--model, --prompts, --reward) or a reward on preference data (--reward, --data)")]:
         p = sub.add_parser(name, help=what)
         p.add_argument("--data", "-d", help="preference set: JSONL file or folder of pairs")
         p.add_argument("--tol", type=float, help="score differences within tol are predicted ties (default 0)")
+        if name == "eval":
+            p.add_argument("--model", "-m", help="evaluate a generative model (tiny:<family>, a directory or an HF id) ...")
+            p.add_argument("--prompts", help="... on this prompt suite (category<TAB>prompt lines)")
+            p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="model-eval config overrides, e.g. samples_per_prompt=4")
         _reward_args(p)
         p.set_defaults(func=cmd_eval_reward)
 

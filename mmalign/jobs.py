@@ -278,3 +278,153 @@ def run_eval_reward(cfg: EvalRewardJobConfig, log=print):
         Path(cfg.json_out).write_text(json.dumps(_jsonable(report.to_dict()), indent=2))
         log(f"wrote {cfg.json_out}")
     return report
+
+
+# ----------------------------------------------------------------------------- eval: a model on a prompt suite
+def read_prompt_suite(path: str | Path) -> list[tuple[str, str]]:
+    """(category, prompt) pairs from a suite file: ``category<TAB>prompt`` lines, or plain prompt lines
+    (category ``all``); blank lines and ``#`` comments skipped."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"prompt suite {str(p)!r} does not exist")
+    out = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        category, sep, prompt = line.partition("\t")
+        if not sep:
+            category, prompt = "all", line
+        if not prompt.strip():
+            raise ValueError(f"{p}:{n}: empty prompt")
+        out.append((category.strip(), prompt.strip()))
+    if not out:
+        raise ValueError(f"prompt suite {str(p)!r} holds no prompts")
+    return out
+
+
+@dataclass
+class EvalModelJobConfig:
+    """``mmalign eval --model ... --prompts suite.txt --reward ...``: sample a prompt suite and report
+    each reward per category (mean score; strict accuracy where a reward reports a ``strict`` component)."""
+
+    prompts: str
+    """Prompt suite: ``category<TAB>prompt`` lines (or plain prompts)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model to evaluate."""
+    rewards: list[RewardConfig] = field(default_factory=lambda: [RewardConfig("shapeeval")])
+    """Rewards to score samples with."""
+    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(num_steps=16))
+    """How to sample (an ODE by default: evaluation is deterministic per seed)."""
+    samples_per_prompt: int = 2
+    """Samples per prompt (different initial noise)."""
+    max_prompts: int | None = None
+    """Evaluate only the first N prompts of the suite."""
+    batch_size: int = 8
+    """Samples per sampler call."""
+    seed: int = 0
+    """Seed of the initial noise."""
+    out: str = "runs/eval"
+    """Output directory: report.json, grid.png (first samples) and per-sample media."""
+    save_samples: bool = True
+    """Write every sample's media file."""
+    upscale: int = 4
+    """Nearest-neighbour upscaling of saved images."""
+
+    def __post_init__(self) -> None:
+        for name in ("samples_per_prompt", "batch_size", "upscale"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise ValueError(f"max_prompts must be >= 1, got {self.max_prompts}")
+        if not self.rewards:
+            raise ValueError("give at least one reward")
+
+
+def eval_table(per_category: dict[str, dict[str, Any]], reward_names: list[str]) -> str:
+    """A fixed-width per-category table of mean scores (and strict accuracy where present)."""
+    cols = []
+    for r in reward_names:
+        cols.append((r, "mean"))
+        if any(f"{r}.strict" in row for row in per_category.values()):
+            cols.append((r, "strict"))
+    head = f"{'category':16s} {'n':>5s} " + " ".join(f"{(r + ' ' + k):>20s}" for r, k in cols)
+    lines = [head, "-" * len(head)]
+    for cat, row in per_category.items():
+        vals = []
+        for r, k in cols:
+            v = row.get(f"{r}.{k}")
+            vals.append(f"{'n/a' if v is None else format(v, '.4f'):>20s}")
+        lines.append(f"{cat:16s} {row['n']:>5d} " + " ".join(vals))
+    return "\n".join(lines)
+
+
+def run_eval_model(cfg: EvalModelJobConfig, log=print) -> dict[str, Any]:
+    """Sample ``cfg.prompts`` with ``cfg.model`` and score with ``cfg.rewards``; print and write a report."""
+    from .loading import load_model
+    from .media import image_grid, save_image, save_media
+    from .samplers import sample
+
+    suite = read_prompt_suite(cfg.prompts)[: cfg.max_prompts]
+    m = cfg.model
+    adapter = load_model(m.name, family=m.family, torch_dtype=m.dtype, device=m.device, offline=m.offline,
+                         cache_dir=m.cache_dir, adapter_kwargs=m.adapter, seed=cfg.seed)
+    rewards = [build_reward(r) for r in cfg.rewards]
+    names = [getattr(r, "name", rc.name) for r, rc in zip(rewards, cfg.rewards)]
+    if len(set(names)) != len(names):
+        names = [f"{n}#{i}" for i, n in enumerate(names)]
+    log(f"evaluating {m.name} ({adapter.family}) on {len(suite)} prompts x {cfg.samples_per_prompt} samples "
+        f"with {', '.join(names)}")
+    items = [(cat, p) for cat, p in suite for _ in range(cfg.samples_per_prompt)]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records: list[dict[str, Any]] = []
+    grid_samples = []
+    t0 = time.perf_counter()
+    for start in range(0, len(items), cfg.batch_size):
+        chunk = items[start : start + cfg.batch_size]
+        prompts = [p for _, p in chunk]
+        rollout = sample(adapter, prompts, cfg.sampler, generator=gen)
+        media = rollout.samples.detach().cpu()
+        extra = {"fps": adapter.fps} if adapter.modality == "video" else {"sample_rate": adapter.sample_rate} if adapter.modality == "audio" else {}
+        outputs = [r(media, prompts, **extra) for r in rewards]
+        files = save_media(media, adapter.modality, out / "samples", prefix=f"s{start:05d}", sample_rate=adapter.sample_rate,
+                           fps=adapter.fps, upscale=cfg.upscale) if cfg.save_samples else [None] * len(chunk)
+        if len(grid_samples) < 64 and adapter.modality == "image":
+            grid_samples.append(media)
+        for i, (cat, prompt) in enumerate(chunk):
+            rec: dict[str, Any] = {"category": cat, "prompt": prompt, "file": None if files[i] is None else str(files[i].relative_to(out))}
+            for name, o in zip(names, outputs):
+                rec[name] = float(o.scores[i]) if bool(o.valid[i]) else None
+                if not bool(o.valid[i]):
+                    rec[f"{name}.reason"] = o.reasons[i]
+                if "strict" in o.components and bool(o.valid[i]):
+                    rec[f"{name}.strict"] = float(o.components["strict"][i])
+            records.append(rec)
+        log(f"  {min(start + cfg.batch_size, len(items))}/{len(items)} samples")
+    seconds = time.perf_counter() - t0
+
+    def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        s: dict[str, Any] = {"n": len(rows)}
+        for name in names:
+            for key in (name, f"{name}.strict"):
+                vals = [r[key] for r in rows if r.get(key) is not None]
+                if vals or key == name:
+                    s[key if key != name else f"{name}.mean"] = sum(vals) / len(vals) if vals else None
+            s[f"{name}.invalid"] = sum(1 for r in rows if r.get(name) is None)
+        return s
+
+    per_category = {cat: summarise([r for r in records if r["category"] == cat]) for cat in dict.fromkeys(c for c, _ in items)}
+    per_category["overall"] = summarise(records)
+    table = eval_table(per_category, names)
+    log(table)
+    grid = None
+    if grid_samples:
+        grid = save_image(image_grid(torch.cat(grid_samples)[:64], ncols=8), out / "grid.png", cfg.upscale)
+    report = {"model": m.name, "family": adapter.family, "prompts": cfg.prompts, "rewards": names, "seconds": round(seconds, 2),
+              "per_category": per_category, "samples": records, "grid": None if grid is None else str(grid), "config": to_dict(cfg)}
+    (out / "report.json").write_text(json.dumps(_jsonable(report), indent=2))
+    (out / "table.txt").write_text(table + "\n")
+    log(f"wrote {out / 'report.json'} and {out / 'table.txt'}{'' if grid is None else ' and ' + str(grid)} ({seconds:.1f}s)")
+    return report

@@ -118,7 +118,7 @@ def test_configs_for_reward_jobs(prefs, tmp_path, capsys):
     (["score", "-r", "weighted_sum", "-o", f"rewards=[{BRIGHT}]", "-o", "weights=[1, 2]", "FILE"], "2 weights for 1 rewards"),
     (["score", "-r", BRIGHT, "-p", "a", "-p", "b", "-p", "c", "FILE"], "3 prompts for 1 files"),
     (["score", "-r", BRIGHT, "--batch-size", "0", "FILE"], "batch_size must be >= 1"),
-    (["eval"], "not available"),
+    (["eval"], "needs either --model"),
     (["eval-reward", "-r", BRIGHT], "no preference data given"),
     (["eval-reward", "-r", BRIGHT, "--data", "/nonexistent.jsonl"], "does not exist"),
     (["eval-reward", "-r", BRIGHT, "--data", "BADJSON"], "bad.jsonl:1: not valid JSON"),

@@ -289,12 +289,11 @@ def read_prompt_suite(path: str | Path) -> list[tuple[str, str]]:
         raise FileNotFoundError(f"prompt suite {str(p)!r} does not exist")
     out = []
     for n, line in enumerate(p.read_text().splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
+        if not line.strip() or line.strip().startswith("#"):
             continue
-        category, sep, prompt = line.partition("\t")
+        category, sep, prompt = line.partition("\t")  # split before stripping: "cat<TAB>" is an empty prompt
         if not sep:
-            category, prompt = "all", line
+            category, prompt = "all", line.strip()
         if not prompt.strip():
             raise ValueError(f"{p}:{n}: empty prompt")
         out.append((category.strip(), prompt.strip()))

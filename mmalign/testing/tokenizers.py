@@ -54,14 +54,43 @@ def clip_vocab_size(num_merges: int = CLIP_FULL_MERGES) -> int:
     return 512 + num_merges + 2
 
 
+_CACHE_VERSION = "v1"  # bump when a builder's output changes
+
+
+def _cached_dir(key: str, write) -> str:
+    """A directory built once per machine by ``write(path)`` under the mmalign cache
+    (``$MMALIGN_CACHE`` or ``~/.cache/mmalign``), written to a temp dir and renamed into place so
+    concurrent processes never see a half-written tokenizer; falls back to a temp dir if unwritable."""
+    root = Path(os.environ.get("MMALIGN_CACHE") or Path.home() / ".cache" / "mmalign") / "tokenizers"
+    final = root / f"{key}-{_CACHE_VERSION}"
+    if (final / ".complete").is_file():
+        return str(final)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
+    except OSError:
+        tmp = Path(tempfile.mkdtemp(prefix=f"mmalign-{key}-"))
+        write(tmp)
+        return str(tmp)
+    write(tmp)
+    (tmp / ".complete").touch()
+    try:
+        os.replace(tmp, final)
+    except OSError:  # another process won the race: use its copy
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(final)
+
+
 @functools.lru_cache(maxsize=None)
 def clip_tokenizer_dir(num_merges: int = CLIP_FULL_MERGES, model_max_length: int = 77) -> str:
     """A directory holding a CLIP tokenizer (``vocab.json``, ``merges.txt``) loadable by
-    ``CLIPTokenizer.from_pretrained``; created once per process in a temp dir."""
-    vocab, merges = clip_vocab_and_merges(num_merges)
-    out = Path(tempfile.mkdtemp(prefix=f"mmalign-clip-tok-{num_merges}-"))
-    save_clip_tokenizer(out, num_merges=num_merges, model_max_length=model_max_length)
-    return str(out)
+    ``CLIPTokenizer.from_pretrained``; built once per machine in the mmalign cache."""
+    return _cached_dir(
+        f"clip-{num_merges}-{model_max_length}",
+        lambda d: save_clip_tokenizer(d, num_merges=num_merges, model_max_length=model_max_length),
+    )
 
 
 def save_clip_tokenizer(directory: str | os.PathLike, num_merges: int = CLIP_FULL_MERGES, model_max_length: int = 77) -> None:
@@ -117,10 +146,8 @@ def t5_tokenizer_dir(vocab_size: int = 256, model_max_length: int = 512) -> str:
         initial_alphabet=list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"),
     )
     tok.train_from_iterator(list(_T5_CORPUS) * 4, trainer=trainer)
-    out = Path(tempfile.mkdtemp(prefix=f"mmalign-t5-tok-{vocab_size}-"))
     wrapped = T5Tokenizer(tokenizer_object=tok, extra_ids=0, model_max_length=model_max_length)
-    wrapped.save_pretrained(str(out))
-    return str(out)
+    return _cached_dir(f"t5-{vocab_size}-{model_max_length}", lambda d: wrapped.save_pretrained(str(d)))
 
 
 def t5_tokenizer(vocab_size: int = 256, model_max_length: int = 512):
@@ -163,9 +190,7 @@ def roberta_tokenizer_dir(num_merges: int = 1000, model_max_length: int = 77) ->
     vocab, merges = _roberta_vocab_and_merges(num_merges)
     # transformers 5 takes the vocabulary and merges as data (vocab_file= is ignored)
     tok = RobertaTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
-    out = Path(tempfile.mkdtemp(prefix=f"mmalign-roberta-tok-{num_merges}-"))
-    tok.save_pretrained(str(out))
-    return str(out)
+    return _cached_dir(f"roberta-{num_merges}-{model_max_length}", lambda d: tok.save_pretrained(str(d)))
 
 
 def roberta_tokenizer(num_merges: int = 1000, model_max_length: int = 77):

@@ -218,7 +218,7 @@ class ModelAdapter(ABC):
         if offline is None:
             offline = _env_offline()
         pipe_cls = getattr(diffusers, cls.pipeline_class)
-        kwargs: dict[str, Any] = {**cls.pretrained_defaults, **pipeline_kwargs}
+        kwargs: dict[str, Any] = {**cls.pretrained_defaults, **_absent_components(pipe_cls, model_id), **pipeline_kwargs}
         if torch_dtype is not None:
             kwargs["torch_dtype"] = torch_dtype
         if cache_dir is not None:
@@ -414,6 +414,30 @@ class ModelAdapter(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(family={self.family!r}, modality={self.modality!r}, dtype={self.dtype})"
+
+
+def _absent_components(pipe_cls: Any, model_id: Any) -> dict[str, None]:
+    """For a local pipeline directory: components the pipeline class takes but ``model_index.json`` does
+    not list (or lists as null), passed as None. ``save_pretrained`` omits components that were None
+    (e.g. SD3 without T5), and ``from_pretrained`` would otherwise refuse to load the directory."""
+    import inspect
+    import json
+    from pathlib import Path
+
+    index = Path(str(model_id)) / "model_index.json"
+    if not index.is_file():
+        return {}
+    try:
+        listed = json.loads(index.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}  # from_pretrained reports the corrupt file itself
+    params = inspect.signature(pipe_cls.__init__).parameters
+    return {
+        name: None
+        for name, p in params.items()
+        if name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD
+        and (name not in listed or listed[name] in (None, [None, None]))
+    }
 
 
 def _env_offline() -> bool:

@@ -431,10 +431,53 @@ def _hf_backbone(model_id: str | None, *, model: nn.Module | None, tokenizer: An
     return backbone, preprocess, weights_id
 
 
+def is_open_clip_dir(model_id: Any) -> bool:
+    """A local open_clip model directory (``open_clip_config.json`` + weights, open_clip's hub layout)."""
+    return model_id is not None and (Path(str(model_id)) / "open_clip_config.json").is_file()
+
+
+def _open_clip_dir_backbone(path: str, *, tokenizer: Any, dtype: torch.dtype | None,
+                            preprocess: ImagePreprocess | None) -> tuple[OpenClipBackbone, ImagePreprocess, str]:
+    """An open_clip model from a local directory (``open_clip.create_model("local-dir:...")``), with the
+    transformers CLIP tokenizer saved beside it (or open_clip's default tokenizer) and its preprocess_cfg."""
+    import json
+
+    import open_clip
+
+    try:
+        model = open_clip.create_model(f"local-dir:{path}", device="cpu", precision="fp32")
+    except (OSError, RuntimeError, ValueError, KeyError) as err:
+        raise OSError(f"could not load the open_clip model in {path!r}: {err}") from err
+    model = model.to(dtype or torch.float32)
+    if tokenizer is None:
+        if (Path(path) / "vocab.json").is_file() or (Path(path) / "tokenizer.json").is_file():
+            from transformers import CLIPTokenizer
+
+            tokenizer = CLIPTokenizer.from_pretrained(path, model_max_length=int(model.context_length))
+        else:
+            tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
+    backbone = OpenClipBackbone(model, tokenizer)
+    if preprocess is None:
+        cfg = json.loads((Path(path) / "open_clip_config.json").read_text()).get("preprocess_cfg", {})
+        interp = cfg.get("interpolation", "bicubic")
+        preprocess = ImagePreprocess(
+            "longest_side_pad" if cfg.get("resize_mode") == "longest" else "shortest_edge_crop",
+            size=backbone.image_size,
+            interpolation=interp if interp in ("bicubic", "bilinear", "nearest", "area") else "bicubic",
+            mean=tuple(cfg.get("mean", CLIP_MEAN)),
+            std=tuple(cfg.get("std", CLIP_STD)),
+        )
+    return backbone, preprocess, str(path)
+
+
 def _hf_reward(cls: type[ClipEmbeddingReward], model_id: str | None, *, model=None, tokenizer=None, processor_id=None,
                dtype=None, device=None, offline=None, cache_dir=None, batch_size: int = 16, preprocess=None,
                weights_id: str | None = None, weights_note: str | None = None, **extra: Any) -> ClipEmbeddingReward:
     dt = _dtype(dtype)
+    if model is None and is_open_clip_dir(model_id):  # e.g. the shipped ShapeWorld CLIP
+        backbone, pre, wid = _open_clip_dir_backbone(str(model_id), tokenizer=tokenizer, dtype=dt, preprocess=preprocess)
+        reward = cls(backbone, preprocess=pre, batch_size=batch_size, weights_id=weights_id or wid, **extra)
+        return _finish(reward, device, dt)
     backbone, pre, wid = _hf_backbone(model_id, model=model, tokenizer=tokenizer, processor_id=processor_id,
                                       need_tokenizer="prompt" in cls.needs, dtype=dt, offline=offline,
                                       cache_dir=cache_dir, preprocess=preprocess)
@@ -445,7 +488,8 @@ def _hf_reward(cls: type[ClipEmbeddingReward], model_id: str | None, *, model=No
 
 
 def load_clipscore(model_id: str = "openai/clip-vit-large-patch14", **options: Any) -> CLIPScore:
-    """CLIPScore with a transformers CLIP model (default ``openai/clip-vit-large-patch14``).
+    """CLIPScore with a transformers CLIP model (default ``openai/clip-vit-large-patch14``), or an
+    open_clip model directory (``open_clip_config.json`` + weights, e.g. ``assets/shapeworld-clip``).
 
     Options: ``model``/``tokenizer`` (pre-built; then nothing is looked up on the hub),
     ``processor_id`` (tokenizer and image mean/std source, default ``model_id``), ``dtype``, ``device``,

@@ -9,7 +9,8 @@ from mmalign.rewards import Reward, RewardOutput
 from mmalign.testing import tiny_reward, tiny_reward_names
 
 NAMES = mmalign.list_rewards()
-PROMPTS = ["a red circle", "two blue squares", "a green star", "a cat on a mat"]
+# in the ShapeEval grammar too, so the verifier scores them (not marks them invalid)
+PROMPTS = ["a red circle", "two blue squares", "a green triangle", "a yellow square left of a red circle"]
 
 
 def test_every_registered_reward_has_a_tiny_builder():

@@ -18,10 +18,13 @@ EXIT_USAGE = 2
 def config_kinds() -> dict[str, type]:
     """Config file name prefix -> config class: shipped configs are named ``<kind>_*.yaml``."""
     from .bench import BenchConfig
-    from .jobs import EvalRewardJobConfig, SampleJobConfig, ScoreJobConfig
+    from .jobs import EvalModelJobConfig, EvalRewardJobConfig, SampleJobConfig, ScoreJobConfig
+    from .trainers.common import train_config_class
 
-    # bench_*.yaml files name their benchmark (``name: rollout|rewards``) and hold its section
-    return {"sample": SampleJobConfig, "bench": BenchConfig, "score": ScoreJobConfig, "eval": EvalRewardJobConfig}
+    # bench_*.yaml files name their benchmark (``name: rollout|rewards``) and hold its section;
+    # train_*.yaml files name their algorithm (``algorithm: grpo``) and hold its sections
+    return {"sample": SampleJobConfig, "bench": BenchConfig, "score": ScoreJobConfig, "eval": EvalRewardJobConfig,
+            "train": train_config_class(), "quickstart": EvalModelJobConfig}
 
 
 class CLIError(Exception):
@@ -195,6 +198,27 @@ def cmd_eval_model(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .trainers import build_trainer, load_train_config
+
+    if not args.config:
+        raise CLIError("mmalign train needs --config configs/train_*.yaml (training from defaults alone is not available: "
+                       "a run needs a model, prompts and rewards); e.g. mmalign train --config configs/train_grpo_tiny.yaml")
+    cfg = load_train_config(args.config, args.overrides)
+    if args.show_config:
+        _show(cfg)
+        return 0
+    trainer = build_trainer(cfg)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    if trainer.is_main:
+        print(f"trained {cfg.algorithm} for {trainer.step} steps; metrics in {trainer.out / 'metrics.jsonl'}, "
+              f"checkpoints in {trainer.ckpt_dir}")
+    return 0
+
+
 def cmd_list(args) -> int:
     import mmalign
 
@@ -254,7 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
         _reward_args(p)
         p.set_defaults(func=cmd_eval_reward)
 
-    for name, what in [("train", "align a model to rewards"), ("app", "Gradio inspection apps")]:
+    p = sub.add_parser("train", help="align a model to rewards (config: algorithm + sections, e.g. configs/train_grpo_tiny.yaml)")
+    _config_args(p)
+    p.set_defaults(func=cmd_train)
+
+    for name, what in [("app", "Gradio inspection apps")]:
         p = sub.add_parser(name, help=f"{what} (coming in a later release)")
         _config_args(p)
         p.set_defaults(func=_not_yet(name, what))

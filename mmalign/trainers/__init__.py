@@ -1,4 +1,14 @@
-"""Trainers: shared pure math (``advantages``, ``losses``); one module per algorithm registers itself."""
+"""Trainers: shared pure math (``advantages``, ``losses``), the shared training machinery (``common``:
+configs, accelerate, LoRA / full finetuning, optimizer, checkpoints, logging, evaluation) and one module
+per algorithm, registered here by name (lazily: the algorithm module loads on first use).
+
+A new algorithm: a ``TrainConfig`` subclass with its section and a ``Trainer`` subclass with
+``config_class`` and ``train_step`` in ``mmalign/trainers/<name>.py``, registered below; ``mmalign
+train`` and the shipped-config checks then pick it up.
+"""
+from __future__ import annotations
+
+from ..registry import TRAINERS
 from .advantages import aggregate_rewards, group_advantages, group_stats
 from .losses import (
     d3po_loss,
@@ -16,8 +26,31 @@ from .losses import (
     weighted_denoising_loss,
 )
 
+TRAINERS.register(
+    "grpo", "mmalign.trainers.grpo:GRPOTrainer",
+    description="GRPO for flow/diffusion models (Flow-GRPO, DanceGRPO, DDPO-style): group advantages, "
+                "PPO clip on recomputed step log-probs, optional latent KL, SDE windows",
+)
+
+
+def load_train_config(path=None, overrides=()):
+    """A training config typed by its ``algorithm`` (see :func:`mmalign.trainers.common.load_train_config`)."""
+    from .common import load_train_config as _load
+
+    return _load(path, overrides)
+
+
+def build_trainer(config, **kwargs):
+    """The trainer of ``config.algorithm`` built from ``config`` (keyword arguments go to the trainer)."""
+    from .common import trainer_class
+
+    return trainer_class(config.algorithm)(config, **kwargs)
+
+
 __all__ = [
+    "TRAINERS",
     "aggregate_rewards",
+    "build_trainer",
     "d3po_loss",
     "denoising_loss",
     "diffusion_dpo_loss",
@@ -26,6 +59,7 @@ __all__ = [
     "group_advantages",
     "group_stats",
     "latent_kl",
+    "load_train_config",
     "ppo_clip_loss",
     "prdp_loss",
     "ratio_normalize",

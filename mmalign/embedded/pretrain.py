@@ -373,8 +373,11 @@ def train_transformer(
     seed: int,
     log,
     max_seconds: float | None = None,
+    stop_at_step: int | None = None,
 ) -> dict[str, Any]:
-    """Rectified-flow training of the transformer (+ CLIP text encoders); leaves EMA weights in place."""
+    """Rectified-flow training of the transformer (+ CLIP text encoders); leaves EMA weights in place.
+
+    The learning-rate schedule always spans ``steps``; ``stop_at_step`` (or ``max_seconds``) ends earlier."""
     vae = pipe.vae
     shift, scale = float(vae.config.shift_factor), float(vae.config.scaling_factor)
     modules = [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2]
@@ -428,6 +431,9 @@ def train_transformer(
                 history.append((done, round(run, 5)))
             if max_seconds is not None and time.time() - t0 > max_seconds:
                 log(f"sd3: time limit reached after {done} of {steps} steps")
+                break
+            if stop_at_step is not None and done >= stop_at_step:
+                log(f"sd3: stopping at step {done} of {steps} (--stop-at-step)")
                 break
     finally:
         pipe.transformer.set_attn_processor(old_procs)
@@ -522,6 +528,27 @@ def _dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def _replay_lines(meta: dict[str, Any]) -> list[str]:
+    if not meta.get("replay_command"):
+        return []
+    tr = meta.get("training", {})
+    return [
+        f"The run hit its wall-time limit after {tr.get('steps_done')} of {meta.get('args', {}).get('steps')} steps "
+        "(the machine was shared with other jobs). This replays it step for step (same schedule, same stopping "
+        "point, bit-identical on the same CPU and thread count):",
+        "",
+        "```",
+        meta["replay_command"],
+        "```",
+        "",
+    ]
+
+
+def _notes_lines(meta: dict[str, Any]) -> list[str]:
+    notes = meta.get("notes") or []
+    return ["## Notes and limitations", "", *[f"- {n}" for n in notes], ""] if notes else []
+
+
 def write_sd3_card(out: Path, meta: dict[str, Any]) -> None:
     tr = meta.get("training", {})
     ev = meta.get("eval", {})
@@ -532,8 +559,8 @@ def write_sd3_card(out: Path, meta: dict[str, Any]) -> None:
         "first block and RMS q/k norm, two CLIP text encoders, **no T5**, 2-level `AutoencoderKL` with "
         "`shift_factor`, `FlowMatchEulerDiscreteScheduler`), trained from scratch on a laptop-class CPU on "
         "procedurally generated ShapeWorld images (32x32, shapes circle/square/triangle in six colours on black). "
-        "It draws recognisable shapes and colours but is deliberately small: counting, spatial relations and "
-        "attribute binding are imperfect, which leaves room for alignment to improve them.",
+        "It is deliberately small and briefly trained: the measured ShapeEval scores and the notes below say "
+        "what it can and cannot draw; there is ample room for alignment to improve it.",
         "",
         "## Loading",
         "",
@@ -569,11 +596,12 @@ def write_sd3_card(out: Path, meta: dict[str, Any]) -> None:
         meta["command"],
         "```",
         "",
+        *_replay_lines(meta),
         f"- seed {meta['seed']}; {meta['num_train']} freshly generated ShapeWorld pairs "
         f"(`generate(n, seed, exclude_heldout=True)`: no held-out composition or prompt is ever seen)",
         f"- VAE: {tr.get('vae_steps')} steps, batch {meta['vae_batch_size']}, L1 + MSE + {meta['kl_weight']:g} x KL; "
         f"held-out reconstruction PSNR {meta.get('vae_psnr', float('nan')):.1f} dB; {_fmt_minutes(tr.get('vae_seconds', 0))}",
-        f"- transformer + text encoders: {tr.get('steps_done')} steps of batch {meta['batch_size']}, rectified flow "
+        f"- transformer + text encoders: {tr.get('steps_done')} steps (schedule of {meta.get('args', {}).get('steps', tr.get('steps_done'))}) of batch {meta['batch_size']}, rectified flow "
         f"(logit-normal t with 20% uniform), AdamW lr {meta['lr']:g} (text {meta['text_lr']:g}), cosine, EMA {meta['ema_decay']}, "
         f"prompt dropout {meta['cfg_dropout']}; final loss (running mean) {tr.get('final_loss_ema', float('nan')):.4f}; "
         f"{_fmt_minutes(tr.get('train_seconds', 0))}",
@@ -596,10 +624,31 @@ def write_sd3_card(out: Path, meta: dict[str, Any]) -> None:
         parts += ["Reference (ShapeEval of real ShapeWorld renders of the same categories): "
                   f"strict {ev['reference']['strict']:.3f}, credit {ev['reference']['credit']:.3f}.", ""]
     parts += ["`samples_heldout.png`: the first held-out samples (one row = 8 prompts x 2 seeds).", ""]
+    parts += _notes_lines(meta)
     (out / "MODEL_CARD.md").write_text("\n".join(parts))
 
 
 # ---------------------------------------------------------------------------------------------- sd3 command
+def _command(args) -> str:
+    return "python -m mmalign.embedded.pretrain " + " ".join(shlex.quote(a) for a in args.argv)
+
+
+def _resolved_args(args) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k != "argv"}
+
+
+def _replay_command(args, training: dict[str, Any]) -> str | None:
+    """When a run was cut by its time limit: the command that replays it exactly (same schedule, same
+    stopping step, no time limits); None when it ran all its steps."""
+    if training.get("steps_done") is None or training["steps_done"] >= args.steps or args.stop_at_step is not None:
+        return None
+    extra = [f"--stop-at-step {training['steps_done']}", "--max-minutes 100000"]
+    if args.command == "sd3":
+        extra.append("--vae-max-minutes 100000")
+    argv = [a for a in args.argv]
+    return _command(args) + " " + " ".join(extra) if argv else None
+
+
 def _param_count(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -649,7 +698,7 @@ def run_sd3(args) -> dict[str, Any]:
     tr = train_transformer(
         pipe, mean, std, ids, empty_ids, steps=args.steps, batch_size=args.batch_size, lr=args.lr, text_lr=args.text_lr,
         cfg_dropout=args.cfg_dropout, ema_decay=args.ema_decay, t5_tokens=args.t5_tokens, seed=args.seed + 2, log=log,
-        max_seconds=max(remaining, 1.0),
+        max_seconds=max(remaining, 1.0), stop_at_step=args.stop_at_step,
     )
     stats.update(tr)
     pipe.set_progress_bar_config(disable=True)
@@ -662,7 +711,9 @@ def run_sd3(args) -> dict[str, Any]:
     except ValueError:
         out_rel = str(out)
     meta: dict[str, Any] = {
-        "command": "python -m mmalign.embedded.pretrain " + " ".join(shlex.quote(a) for a in args.argv),
+        "command": _command(args),
+        "replay_command": _replay_command(args, tr),
+        "args": _resolved_args(args),
         "seed": args.seed,
         "arch": {**arch.__dict__, "vae_channels": list(arch.vae_channels)},
         "params": params,
@@ -856,7 +907,7 @@ def _augment(x: Tensor, gen: torch.Generator) -> Tensor:
     return (x * gain + noise).clamp(0, 1)
 
 
-def train_clip(model, tokenizer, info, images: Tensor, caps: list[str], negs: list[str], *, steps: int, batch_size: int, lr: float, seed: int, log, max_seconds: float | None, hard_negatives: bool = True) -> dict[str, Any]:
+def train_clip(model, tokenizer, info, images: Tensor, caps: list[str], negs: list[str], *, steps: int, batch_size: int, lr: float, seed: int, log, max_seconds: float | None, hard_negatives: bool = True, stop_at_step: int | None = None) -> dict[str, Any]:
     from mmalign.embedded.tiny_clip import preprocess
 
     model.train()
@@ -916,6 +967,9 @@ def train_clip(model, tokenizer, info, images: Tensor, caps: list[str], negs: li
             log(f"clip step {step:5d}/{steps} loss {run:.3f} batch i2t acc {run_acc:.3f} scale {scale.item():.1f} ({time.time() - t0:.0f}s)")
         if max_seconds is not None and time.time() - t0 > max_seconds:
             log(f"clip: time limit reached after {done} of {steps} steps")
+            break
+        if stop_at_step is not None and done >= stop_at_step:
+            log(f"clip: stopping at step {done} of {steps} (--stop-at-step)")
             break
     model.eval()
     return {"steps_done": done, "final_loss_ema": run, "final_batch_acc_ema": run_acc, "train_seconds": time.time() - t0, "context_used": L}
@@ -1051,9 +1105,10 @@ def write_clip_card(out: Path, meta: dict[str, Any]) -> None:
         meta["command"],
         "```",
         "",
+        *_replay_lines(meta),
         f"- seed {meta['seed']}; {meta['num_train']} fresh ShapeWorld pairs (`exclude_heldout=True`; no held-out "
         "composition or prompt, not even as a negative)",
-        f"- {tr.get('steps_done')} steps of batch {meta['batch_size']}, AdamW lr {meta['lr']:g}, cosine; symmetric "
+        f"- {tr.get('steps_done')} steps (schedule of {meta.get('args', {}).get('steps', tr.get('steps_done'))}) of batch {meta['batch_size']}, AdamW lr {meta['lr']:g}, cosine; symmetric "
         f"InfoNCE (identical captions are co-positives) + hard negatives; final loss {tr.get('final_loss_ema', float('nan')):.3f}, "
         f"in-batch image->text accuracy {tr.get('final_batch_acc_ema', float('nan')):.3f}",
         f"- wall time {_fmt_minutes(meta.get('total_seconds', 0))} (training {_fmt_minutes(tr.get('train_seconds', 0))}) on {meta.get('env', '')}",
@@ -1078,6 +1133,7 @@ def write_clip_card(out: Path, meta: dict[str, Any]) -> None:
         lines += [f"({ev['heldout_i2t_n']} held-out renders, {ev['heldout_i2t_candidates']} candidate prompts; "
                   f"fresh: {ev.get('fresh_i2t_candidates')} candidate captions.)"]
     lines.append("")
+    lines += _notes_lines(meta)
     (out / "MODEL_CARD.md").write_text("\n".join(lines))
 
 
@@ -1101,7 +1157,7 @@ def run_clip(args) -> dict[str, Any]:
     log(f"{len(caps)} pairs, {len(set(caps))} unique captions")
     tr = train_clip(model, tokenizer, info, images, caps, negs, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                     seed=args.seed + 1, log=log, max_seconds=args.max_minutes * 60 - (time.time() - t_start),
-                    hard_negatives=not args.no_hard_negatives)
+                    hard_negatives=not args.no_hard_negatives, stop_at_step=args.stop_at_step)
     save_shapeworld_clip(model, config, tokenizer, out)
     total = time.time() - t_start
     try:
@@ -1109,7 +1165,9 @@ def run_clip(args) -> dict[str, Any]:
     except ValueError:
         out_rel = str(out)
     meta = {
-        "command": "python -m mmalign.embedded.pretrain " + " ".join(shlex.quote(a) for a in args.argv),
+        "command": _command(args),
+        "replay_command": _replay_command(args, tr),
+        "args": _resolved_args(args),
         "seed": args.seed, "config": config, "params": params, "num_train": len(caps), "batch_size": args.batch_size,
         "lr": args.lr, "training": tr, "total_seconds": total, "env": _env_line(), "out_rel": out_rel,
         "size_mb": _dir_size(out) / 2**20,
@@ -1175,6 +1233,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ema-decay", type=float, default=0.999)
     s.add_argument("--t5-tokens", type=int, default=256, help="zero T5 tokens the pipeline will feed (max_sequence_length)")
     s.add_argument("--max-minutes", type=float, default=36.0, help="stop training early past this wall time (VAE included)")
+    s.add_argument("--stop-at-step", type=int, default=None, help="stop the transformer after this many steps (schedule still spans --steps): replays a time-capped run")
     sd3_eval_opts(s)
 
     c = sub.add_parser("clip", help="pretrain the tiny open_clip CLIP")
@@ -1194,7 +1253,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=128)
     c.add_argument("--lr", type=float, default=1e-3)
     c.add_argument("--no-hard-negatives", action="store_true")
-    c.add_argument("--max-minutes", type=float, default=10.0)
+    c.add_argument("--max-minutes", type=float, default=10.0, help="stop training early past this wall time")
+    c.add_argument("--stop-at-step", type=int, default=None, help="stop after this many steps (schedule still spans --steps): replays a time-capped run")
     c.add_argument("--eval-n", type=int, default=600, help="held-out pairs to evaluate (0: skip)")
     c.add_argument("--eval-seed", type=int, default=4321)
 

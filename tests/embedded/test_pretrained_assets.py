@@ -105,7 +105,8 @@ def test_sd3_asset_through_load_model():
     import mmalign
 
     adapter = mmalign.load_model(str(SD3_DIR), offline=True)
-    assert adapter.family == "sd3"
+    assert adapter.family == "sd3" and adapter.pipeline.text_encoder_3 is None
+    assert adapter.image_size() == (32, 32)
 
 
 # ---------------------------------------------------------------------------------------------- CLIP asset
@@ -164,6 +165,18 @@ def test_clip_asset_loads_natively_with_open_clip(clip_model):
     assert torch.equal(native_tok(texts), tokenizer(texts))
     with torch.no_grad():
         torch.testing.assert_close(native.encode_text(native_tok(texts)), model.encode_text(tokenizer(texts)))
+
+
+@needs_clip
+def test_clip_asset_as_the_clipscore_reward(clip_model):
+    """The rewards' open_clip-directory path (clipscore) sees the same text embeddings as the shipped loader."""
+    from mmalign.rewards.clip import load_clipscore
+
+    model, tokenizer, info = clip_model
+    backbone = load_clipscore(str(CLIP_DIR)).backbone
+    texts = ["a red circle left of a blue square", "three triangles"]
+    with torch.no_grad():
+        torch.testing.assert_close(backbone.encode_tokens(backbone.tokenize(texts)).float(), model.encode_text(tokenizer(texts)))
 
 
 @needs_clip

@@ -57,6 +57,8 @@ def _show(cfg) -> None:
 def cmd_sample(args) -> int:
     from .jobs import SampleJobConfig, run_sample
 
+    if args.model:  # --model M is sugar for the override model.name=M
+        args.overrides = [f"model.name={args.model}", *args.overrides]
     cfg = _load(SampleJobConfig, args)
     if args.show_config:
         _show(cfg)
@@ -247,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     p = sub.add_parser("sample", help="sample prompts with a recorded trajectory; writes media and a grid")
+    p.add_argument("--model", "-m", help="model: tiny:<family>, a pipeline directory (e.g. assets/shapeworld-sd3) or an HF id")
     _config_args(p)
     p.set_defaults(func=cmd_sample)
 

@@ -163,3 +163,9 @@ def test_cli_sample_writes_grid_and_records(tmp_path, capsys):
     from PIL import Image
 
     assert Image.open(out / "sample_000.png").size == (32 * 4, 32 * 4)
+
+
+def test_cli_sample_model_flag(tmp_path):
+    out = tmp_path / "m"
+    assert main(["sample", "--model", "tiny:sd", "sampler.num_steps=1", f"out={out}", "prompts=[a cat]"]) == 0
+    assert json.loads((out / "samples.json").read_text())["family"] == "sd"

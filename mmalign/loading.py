@@ -8,9 +8,9 @@ from typing import Any
 import torch
 
 from .models import MODELS  # importing the package registers the families
+from .hub import DTYPES, resolve_dtype  # noqa: F401  (re-exported)
 from .registry import RegistryError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def family_of_pipeline_class(class_name: str) -> str:
@@ -21,13 +21,6 @@ def family_of_pipeline_class(class_name: str) -> str:
     raise RegistryError(f"no mmalign model adapter for diffusers pipeline {class_name!r} (families: {', '.join(MODELS.names())})")
 
 
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return DTYPES[dtype]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r} (use one of {', '.join(DTYPES)})") from None
 
 
 def load_model(

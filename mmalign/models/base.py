@@ -25,6 +25,8 @@ from typing import Any, ClassVar, Iterator, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..hub import env_offline
+
 Modality = Literal["image", "video", "audio"]
 PredictionType = Literal["flow", "epsilon", "v_prediction"]
 
@@ -216,7 +218,7 @@ class ModelAdapter(ABC):
 
         model_id = model_id or cls.default_model_id
         if offline is None:
-            offline = _env_offline()
+            offline = env_offline()
         pipe_cls = getattr(diffusers, cls.pipeline_class)
         kwargs: dict[str, Any] = {**cls.pretrained_defaults, **_absent_components(pipe_cls, model_id), **pipeline_kwargs}
         if torch_dtype is not None:
@@ -439,6 +441,3 @@ def _absent_components(pipe_cls: Any, model_id: Any) -> dict[str, None]:
         and (name not in listed or listed[name] in (None, [None, None]))
     }
 
-
-def _env_offline() -> bool:
-    return any(os.environ.get(v, "").lower() in {"1", "true", "yes"} for v in ("HF_HUB_OFFLINE", "MMALIGN_OFFLINE"))

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from .base import Reward, ScoreBatch
 from .preprocess import resample_audio, warn_if_truncated
-from .video import _env_offline, resolve_torch_dtype
+from ..hub import resolve_dtype, resolve_offline
 
 Padding = Literal["repeatpad", "repeat", "pad"]
 
@@ -303,8 +303,8 @@ def load_clap(
     mel parameters); the features themselves are computed in torch. ``padding`` overrides its short-clip
     padding; ``hop_seconds`` the window hop (default: the window length).
     """
-    torch_dtype = resolve_torch_dtype(dtype)
-    offline = _env_offline() if offline is None else offline
+    torch_dtype = resolve_dtype(dtype)
+    offline = resolve_offline(offline)
     where = "local files only (offline)" if offline else "the hub or local files"
     if processor is not None:
         tokenizer = tokenizer or processor.tokenizer

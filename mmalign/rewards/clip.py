@@ -29,27 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..hub import resolve_dtype, resolve_offline
 from .base import Reward, ScoreBatch
 from .preprocess import CLIP_MEAN, CLIP_STD, ImagePreprocess, warn_if_truncated
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
 
 
 # ----------------------------------------------------------------------------- small helpers
-def _offline(offline: bool | None) -> bool:
-    if offline is not None:
-        return bool(offline)
-    return any(os.environ.get(v, "").lower() in {"1", "true", "yes"} for v in ("HF_HUB_OFFLINE", "MMALIGN_OFFLINE"))
 
 
-def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return _DTYPES[str(dtype)]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r} (use one of {', '.join(_DTYPES)})") from None
 
 
 def _where(offline: bool) -> str:
@@ -410,7 +398,7 @@ def _hf_backbone(model_id: str | None, *, model: nn.Module | None, tokenizer: An
     else:
         import transformers
 
-        off = _offline(offline)
+        off = resolve_offline(offline)
         # transformers 5 names the argument dtype (torch_dtype is deprecated there), 4.x torch_dtype
         dtype_arg = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
         try:
@@ -473,7 +461,7 @@ def _open_clip_dir_backbone(path: str, *, tokenizer: Any, dtype: torch.dtype | N
 def _hf_reward(cls: type[ClipEmbeddingReward], model_id: str | None, *, model=None, tokenizer=None, processor_id=None,
                dtype=None, device=None, offline=None, cache_dir=None, batch_size: int = 16, preprocess=None,
                weights_id: str | None = None, weights_note: str | None = None, **extra: Any) -> ClipEmbeddingReward:
-    dt = _dtype(dtype)
+    dt = resolve_dtype(dtype)
     if model is None and is_open_clip_dir(model_id):  # e.g. the shipped ShapeWorld CLIP
         backbone, pre, wid = _open_clip_dir_backbone(str(model_id), tokenizer=tokenizer, dtype=dt, preprocess=preprocess)
         reward = cls(backbone, preprocess=pre, batch_size=batch_size, weights_id=weights_id or wid, **extra)
@@ -527,7 +515,7 @@ def load_aesthetic(model_id: str = "openai/clip-vit-large-patch14", *, head: Aes
     note = None
     if head is None:  # the small file first: offline without it fails before the CLIP model loads
         if head_path is None:
-            head_path = _hub_file(head_id, head_filename, offline=_offline(options.get("offline")), cache_dir=options.get("cache_dir"))
+            head_path = _hub_file(head_id, head_filename, offline=resolve_offline(options.get("offline")), cache_dir=options.get("cache_dir"))
             note = f"{head_id}/{head_filename}"
         else:
             note = str(head_path)
@@ -541,9 +529,9 @@ def _load_hps(cls: type[HPSv2], version: str, *, model: nn.Module | None = None,
               checkpoint: str | os.PathLike | None = None, repo_id: str = "xswu/HPSv2", arch: str = "ViT-H-14",
               dtype=None, device=None, offline=None, cache_dir=None, batch_size: int = 16,
               preprocess: ImagePreprocess | None = None, weights_id: str | None = None) -> HPSv2:
-    dt = _dtype(dtype)
+    dt = resolve_dtype(dtype)
     if model is None:
-        off = _offline(offline)
+        off = resolve_offline(offline)
         filename = _HPS_FILES[version]
         # the checkpoint first: offline without it fails fast, before building a 1B-parameter model
         path = str(checkpoint) if checkpoint is not None else _hub_file(repo_id, filename, offline=off, cache_dir=cache_dir)

@@ -23,7 +23,6 @@ reward's scale). ``rate`` is per frame; the default 0.1 is ours.
 from __future__ import annotations
 
 import math
-import os
 import random
 from typing import Any, Callable, Sequence
 
@@ -31,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..hub import resolve_dtype, resolve_offline
 from .base import Reward, ScoreBatch
 from .preprocess import CLIP_MEAN, CLIP_STD, ImagePreprocess
 from .rules import nan_where
@@ -267,20 +267,8 @@ def load_video_frames(
 # ----------------------------------------------------------------------------- temporal consistency
 
 
-def _env_offline() -> bool:
-    return any(os.environ.get(v, "").lower() in {"1", "true", "yes"} for v in ("HF_HUB_OFFLINE", "MMALIGN_OFFLINE"))
 
 
-def resolve_torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """``"float32"``/``"bfloat16"``/``"float16"`` (or a torch dtype, or None) -> torch dtype."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    named = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    try:
-        return named[str(dtype)]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r} (use one of {', '.join(named)})") from None
 
 
 def _accepts_kw(module: nn.Module, name: str) -> bool:
@@ -401,11 +389,11 @@ def load_temporal_consistency(
     ``HF_HUB_OFFLINE``). Preprocessing: shortest-edge resize + centre crop to the model's image size
     (or ``processor``'s crop size), CLIP mean/std (or the processor's).
     """
-    torch_dtype = resolve_torch_dtype(dtype)
+    torch_dtype = resolve_dtype(dtype)
     if model is None:
         from transformers import CLIPVisionModelWithProjection
 
-        offline = _env_offline() if offline is None else offline
+        offline = resolve_offline(offline)
         try:
             model = CLIPVisionModelWithProjection.from_pretrained(model_id, local_files_only=offline, cache_dir=cache_dir, dtype=torch_dtype)
         except (OSError, ValueError) as err:

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import os
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, ClassVar, Literal, Mapping, Sequence
@@ -45,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..hub import env_offline, resolve_dtype
 from .base import Reward, ScoreBatch
 from .preprocess import CLIP_MEAN, CLIP_STD, Interpolation, normalize, pixel_budget_size, resize_pixel_budget, warn_if_truncated
 
@@ -70,7 +70,6 @@ IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
 IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
 _SPECIAL_TEXT = (IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD, "<|endoftext|>")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 Normalize = Literal["vocab", "yes_no"]
 
 
@@ -347,17 +346,8 @@ def yes_probability(logits: Tensor, yes_ids: Sequence[int], no_ids: Sequence[int
 
 
 # ----------------------------------------------------------------------------- loading
-def _env_offline() -> bool:
-    return any(os.environ.get(v, "").lower() in {"1", "true", "yes"} for v in ("HF_HUB_OFFLINE", "MMALIGN_OFFLINE"))
 
 
-def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return _DTYPES[dtype]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r} (use one of {', '.join(_DTYPES)})") from None
 
 
 def load_qwen_vl(model_id: str = DEFAULT_VLM_ID, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
@@ -368,7 +358,7 @@ def load_qwen_vl(model_id: str = DEFAULT_VLM_ID, *, device: str | torch.device |
     from transformers import AutoConfig, AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
     if offline is None:
-        offline = _env_offline()
+        offline = env_offline()
     where = "local files only (offline)" if offline else "the hub or local files"
     common = {"local_files_only": bool(offline), "cache_dir": cache_dir}
     try:
@@ -379,7 +369,7 @@ def load_qwen_vl(model_id: str = DEFAULT_VLM_ID, *, device: str | torch.device |
     if config.model_type not in classes:
         raise ValueError(f"{model_id!r} is a {config.model_type!r} model; VLM rewards support {sorted(classes)}")
     try:
-        model = classes[config.model_type].from_pretrained(model_id, dtype=_resolve_dtype(dtype), **common)
+        model = classes[config.model_type].from_pretrained(model_id, dtype=resolve_dtype(dtype), **common)
         tokenizer = AutoTokenizer.from_pretrained(model_id, **common)
     except (OSError, ValueError) as err:
         raise OSError(f"could not load VLM {model_id!r} from {where}: {err}") from err
@@ -462,7 +452,7 @@ class VLMReward(Reward):
             image_processor = image_processor if image_processor is not None else loaded_ip
             weights_id = weights_id or model_id
         else:
-            dt = _resolve_dtype(dtype)
+            dt = resolve_dtype(dtype)
             if device is not None or dt is not None:
                 model.to(device=device, dtype=dt)
             weights_id = weights_id or getattr(model.config, "_name_or_path", None) or type(model).__name__

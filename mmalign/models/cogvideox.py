@@ -22,15 +22,15 @@ import math
 from typing import Any, ClassVar, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .base import Conditioning, ModelAdapter, Schedule, check_num_steps
-from .wan import check_num_frames, encode_video_prompts
+from .base import Conditioning, Schedule, check_num_steps
+from .wan import VideoTransformerAdapter, check_num_frames, encode_video_prompts
 
 logger = logging.getLogger(__name__)
 
 
-class CogVideoXAdapter(ModelAdapter):
+class CogVideoXAdapter(VideoTransformerAdapter):
     """Adapter over a ``diffusers.CogVideoXPipeline`` (CogVideoX 2b / 5b / 1.5-5b text-to-video).
 
     Args:
@@ -91,15 +91,6 @@ class CogVideoXAdapter(ModelAdapter):
             raise ValueError(f"max_sequence_length must be >= 1, got {self.max_sequence_length}")
 
     # ---------------------------------------------------------------- properties
-    @property
-    def denoiser(self) -> nn.Module:
-        return self.pipeline.transformer
-
-    @property
-    def fps(self) -> float:
-        if self._fps is not None:
-            return self._fps
-        return self.pipeline.config.get("fps", self.default_fps)
 
     @property
     def padding_frames(self) -> int:

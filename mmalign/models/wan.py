@@ -73,7 +73,26 @@ def encode_video_prompts(
     return Conditioning(prompts=prompts, cond=cond, uncond=uncond, guidance_scale=scale, negative_prompts=negative)
 
 
-class WanAdapter(ModelAdapter):
+class VideoTransformerAdapter(ModelAdapter):
+    """What the transformer video families (Wan, CogVideoX) share: the denoiser and the frame rate."""
+
+    modality = "video"
+    #: frames per second of decoded video when neither the adapter nor the pipeline config sets one
+    default_fps: ClassVar[int] = 16
+    _fps: float | None = None
+
+    @property
+    def denoiser(self) -> nn.Module:
+        return self.pipeline.transformer
+
+    @property
+    def fps(self) -> float:
+        if self._fps is not None:
+            return self._fps
+        return self.pipeline.config.get("fps", self.default_fps)
+
+
+class WanAdapter(VideoTransformerAdapter):
     """Adapter over a ``diffusers.WanPipeline`` (Wan 2.1 T2V 1.3B / 14B).
 
     Args:
@@ -148,15 +167,6 @@ class WanAdapter(ModelAdapter):
             raise ValueError(f"max_sequence_length must be >= 1, got {self.max_sequence_length}")
 
     # ---------------------------------------------------------------- properties
-    @property
-    def denoiser(self) -> nn.Module:
-        return self.pipeline.transformer
-
-    @property
-    def fps(self) -> float:
-        if self._fps is not None:
-            return self._fps
-        return self.pipeline.config.get("fps", self.default_fps)
 
     @property
     def num_latent_frames(self) -> int:

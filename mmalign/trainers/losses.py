@@ -306,27 +306,42 @@ def prdp_loss(
     reward_b: Tensor,
     beta: float,
     clip_range: float | None,
+    *,
+    old_log_ratio_a: Tensor | None = None,
+    old_log_ratio_b: Tensor | None = None,
 ) -> tuple[Tensor, Stats]:
-    """PRDP (Deng et al., arXiv 2402.08714): reward-difference prediction, a regression per sample pair.
+    """PRDP (Deng et al., arXiv 2402.08714): reward-difference prediction with proximal updates.
 
-    log_ratio_a, log_ratio_b: B,S  per-step log pi_theta(x_{t-1}|x_t) - log pi_old(x_{t-1}|x_t) of two
-                                   samples a, b of one prompt (a B vector is taken as S = 1)
-    reward_a, reward_b:       B    their rewards (detached)
-    beta:                     > 0  KL-regularisation strength
-    clip_range:               c > 0 or None: proximal clipping, see below
+    log_ratio_a, log_ratio_b:         B,S  per-step r_t = log pi_theta(x_{t-1}|x_t) - log pi_ref(x_{t-1}|x_t)
+                                           of two samples a, b of one prompt (with graph; a B vector is S = 1)
+    old_log_ratio_a, old_log_ratio_b: B,S  the same under the sampling policy: log pi_old - log pi_ref
+                                           (constants, detached). None (both): zeros, i.e. the reference
+                                           *is* the sampling policy and log_ratio = log pi_theta - log pi_old
+    reward_a, reward_b:               B    their rewards (detached)
+    beta:                             > 0  KL-regularisation strength
+    clip_range:                       eps > 0 or None: the per-step proximal clip, see below
     returns (loss 0-d, stats)
 
-    pred = beta * (sum_s clip(log_ratio_a[:, s], -c, c) - sum_s clip(log_ratio_b[:, s], -c, c))
-    loss = mean_B (pred - (reward_a - reward_b))^2
-    Proximal clipping, exactly: each *per-step* log-ratio is clamped elementwise to [-c, c] before the
-    sum over steps (``torch.clamp``: a step whose |log-ratio| exceeds c contributes +-c and passes no
-    gradient, keeping the update proximal to pi_old); ``None`` disables it.
-    stats: pred_mean, target_mean (mean r_a - r_b), clip_frac (fraction of per-step log-ratios of a and
-    b outside [-c, c]; 0 when c is None).
+    pred      = beta * (sum_s r_s(a) - sum_s r_s(b))
+    pred_clip = beta * (sum_s c_s(a) - sum_s c_s(b)),   c_s = old_s + clamp(r_s - old_s, -eps, eps)
+    loss      = mean_B max((pred - dr)^2, (pred_clip - dr)^2),   dr = reward_a - reward_b
+
+    That is the paper's eqs. 14 and 16-21: each step's log pi_theta / pi_old (= r_s - old_s) is clipped to
+    [-eps, eps] and, as in PPO, the larger of the clipped and unclipped squared errors is minimised (an
+    upper bound of the unclipped loss: a step that moved too far still gets a gradient when moving back
+    lowers the error). ``clip_range=None``: loss = mean (pred - dr)^2 (eq. 14 without proximal updates).
+    The paper writes the error as (pred / beta - dr / beta)^2; this is beta^2 times it (same minimiser):
+    the regression of beta * log-ratio difference onto the reward difference.
+    stats: pred_mean, target_mean (mean dr), clip_frac (fraction of per-step |r_s - old_s| > eps, of a
+    and b; 0 without clipping), clipped_loss_frac (fraction of pairs whose clipped error is the larger:
+    their clipped steps pass no gradient), pred_target_corr (Pearson correlation of pred and dr over the
+    batch; NaN when B < 2 or either is constant, e.g. pred at the first update when pi_ref = pi_old).
     """
     fn = "prdp_loss"
     la, lb = _f32("log_ratio_a", log_ratio_a, fn), _f32("log_ratio_b", log_ratio_b, fn)
     ra, rb = _f32("reward_a", reward_a, fn).detach(), _f32("reward_b", reward_b, fn).detach()
+    if (old_log_ratio_a is None) != (old_log_ratio_b is None):
+        raise ValueError(f"{fn}: give both old_log_ratio_a and old_log_ratio_b, or neither")
     if la.ndim == 1:
         la = la.unsqueeze(1)
     if lb.ndim == 1:
@@ -334,21 +349,40 @@ def prdp_loss(
     if la.ndim != 2:
         raise ValueError(f"{fn}: log_ratio_a must be (B,S) or (B,), got {tuple(log_ratio_a.shape)}")
     _same_shape(fn, log_ratio_a=la, log_ratio_b=lb)
+    if old_log_ratio_a is None:
+        oa = ob = torch.zeros_like(la.detach())
+    else:
+        oa = _f32("old_log_ratio_a", old_log_ratio_a, fn).detach().to(la.device).reshape(la.shape[0], -1)
+        ob = _f32("old_log_ratio_b", old_log_ratio_b, fn).detach().to(la.device).reshape(lb.shape[0], -1)
+        _same_shape(fn, log_ratio_a=la, old_log_ratio_a=oa, old_log_ratio_b=ob)
     _batch_1d(fn, reward_a=ra, reward_b=rb)
     if ra.shape[0] != la.shape[0]:
         raise ValueError(f"{fn}: {ra.shape[0]} rewards for {la.shape[0]} log-ratio rows")
     _positive(fn, "beta", beta)
     _positive(fn, "clip_range", clip_range, allow_none=True)
-    if clip_range is not None:  # PRDP proximal update: per-step log-ratio clamped to [-c, c]
+    target = (ra - rb).to(la.device)
+    pred = beta * (la.sum(dim=1) - lb.sum(dim=1))  # PRDP eq. 10-11: beta * (r_hat(a) - r_hat(b)), summed over steps
+    err = (pred - target) ** 2  # PRDP eq. 14: squared error against the reward difference
+    if clip_range is not None:
+        # PRDP eq. 20: each step's log pi_theta/pi_old = r_s - old_s clipped to [-eps, eps] around pi_old
+        ca = oa + (la - oa).clamp(-clip_range, clip_range)
+        cb = ob + (lb - ob).clamp(-clip_range, clip_range)
+        pred_clip = beta * (ca.sum(dim=1) - cb.sum(dim=1))  # eq. 21
+        err_clip = (pred_clip - target) ** 2  # eq. 17
+        loss = torch.maximum(err, err_clip).mean()  # eq. 18: the larger of the unclipped and clipped errors
         with torch.no_grad():
-            clip_frac = torch.cat([la.abs() > clip_range, lb.abs() > clip_range]).float().mean()
-        la, lb = la.clamp(-clip_range, clip_range), lb.clamp(-clip_range, clip_range)
+            clip_frac = torch.cat([(la - oa).abs() > clip_range, (lb - ob).abs() > clip_range]).float().mean()
+            clipped_loss_frac = (err_clip > err).float().mean()
     else:
-        clip_frac = torch.zeros((), device=la.device)
-    pred = beta * (la.sum(dim=1) - lb.sum(dim=1))  # PRDP: beta * (log p_theta/p_old (a) - same (b)), summed over steps
-    target = ra - rb
-    loss = ((pred - target) ** 2).mean()  # PRDP: squared error against the reward difference
-    stats = {"pred_mean": pred.mean(), "target_mean": target.mean(), "clip_frac": clip_frac}
+        loss = err.mean()
+        clip_frac = clipped_loss_frac = torch.zeros((), device=la.device)
+    with torch.no_grad():
+        p, t = pred.detach(), target
+        pc, tc = p - p.mean(), t - t.mean()
+        denom = torch.sqrt((pc**2).sum() * (tc**2).sum())
+        corr = (pc * tc).sum() / denom if p.numel() > 1 and float(denom) > 0 else torch.full((), float("nan"), device=p.device)
+    stats = {"pred_mean": pred.mean(), "target_mean": target.mean(), "clip_frac": clip_frac,
+             "clipped_loss_frac": clipped_loss_frac, "pred_target_corr": corr}
     return loss, {k: v.detach() for k, v in stats.items()}
 
 
@@ -356,9 +390,10 @@ def prdp_loss(
 def rwr_weights(
     rewards: Tensor,
     *,
-    kind: Literal["exp", "normalized", "rank"] = "exp",
+    kind: Literal["exp", "normalized", "rank", "topk"] = "exp",
     tau: float = 1.0,
     max_weight: float | None = None,
+    top_k: int | None = None,
 ) -> Tensor:
     """Per-sample weights of reward-weighted regression (LiFT, BATON), mean 1 before capping; detached.
 
@@ -369,6 +404,8 @@ def rwr_weights(
                         (the worst sample gets 0); all-equal rewards give all ones. ``tau`` unused.
       ``"rank"``        w = 2 * rank / (B + 1), rank 1 (lowest) .. B (highest), ties share their average
                         rank. ``tau`` unused.
+      ``"topk"``        RAFT (arXiv 2304.06767) reward-ranked filtering: w = B / k for the ``top_k`` = k
+                        highest rewards, 0 for the rest (equal rewards: the earlier item first). ``tau`` unused.
     max_weight: if given, weights are clamped to it *after* normalisation and not renormalised (so the
                 cap really bounds each sample's weight; the mean may then fall below 1).
     """
@@ -391,8 +428,14 @@ def rwr_weights(
         ties = (r.unsqueeze(0) == r.unsqueeze(1)).float().sum(dim=1) - 1
         rank = 1 + less + 0.5 * ties  # average rank, 1-based
         w = 2 * rank / (b + 1)  # rank weights scaled to mean 1 (mean rank = (B+1)/2)
+    elif kind == "topk":
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= b:
+            raise ValueError(f"{fn}: top_k must be an integer in [1, {b}] for kind 'topk', got {top_k!r}")
+        order = torch.sort(r, descending=True, stable=True).indices[:top_k]
+        w = torch.zeros_like(r)
+        w[order] = b / top_k  # RAFT: keep the k best samples (weights mean 1)
     else:
-        raise ValueError(f"{fn}: unknown kind {kind!r} (use 'exp', 'normalized' or 'rank')")
+        raise ValueError(f"{fn}: unknown kind {kind!r} (use 'exp', 'normalized', 'rank' or 'topk')")
     if max_weight is not None:
         w = w.clamp(max=max_weight)
     return w

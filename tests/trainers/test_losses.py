@@ -193,20 +193,50 @@ def test_prdp_values_and_proximal_clip():
     assert stats["pred_mean"].item() == pytest.approx(-0.63, abs=1e-6)
     assert stats["target_mean"].item() == pytest.approx(0.25, abs=1e-6)
     assert stats["clip_frac"].item() == 0.0
-    # clip 0.25: -0.3 -> -0.25 and 0.4 -> 0.25; pred = 2 * ([-0.15, 0.07] - [0.2, 0.15]) = [-0.7, -0.16]
+    assert stats["pred_target_corr"].item() == pytest.approx(-1.0, abs=1e-5)  # two pairs: perfectly anti-correlated
+    # clip 0.25 (pi_ref = pi_old: old log-ratios 0): -0.3 -> -0.25 and 0.4 -> 0.25, clipped pred = [-0.7, -0.16].
+    # Errors: unclipped [1.8^2, 0.04^2], clipped [1.7^2, 0.34^2]: PRDP eq. 18 keeps the larger of each pair
     la_g, lb_g = la.clone().requires_grad_(True), lb.clone().requires_grad_(True)
     loss, stats = prdp_loss(la_g, lb_g, ra, rb, 2.0, 0.25)
-    assert loss.item() == pytest.approx((1.7**2 + 0.34**2) / 2, abs=1e-5)
-    assert stats["clip_frac"].item() == 0.25
+    assert loss.item() == pytest.approx((1.8**2 + 0.34**2) / 2, abs=1e-5)
+    assert stats["clip_frac"].item() == 0.25 and stats["clipped_loss_frac"].item() == 0.5
     loss.backward()
-    assert la_g.grad[0, 1].item() == 0.0 and lb_g.grad[1, 1].item() == 0.0  # clipped steps pass no gradient
-    # d/d la[0,0] of mean((pred - target)^2) = 2 * (pred - target) * beta / B = 2 * -1.7 * 2 / 2
-    assert la_g.grad[0, 0].item() == pytest.approx(-3.4, abs=1e-5)
+    # pair 0 (unclipped branch): every step, even the clipped one, gets 2 * (pred - target) * beta / B = 2 * -1.8 * 2 / 2
+    assert la_g.grad[0].tolist() == pytest.approx([-3.6, -3.6], abs=1e-5)
+    assert lb_g.grad[0].tolist() == pytest.approx([3.6, 3.6], abs=1e-5)
+    # pair 1 (clipped branch): 2 * (-0.16 + 0.5) * 2 / 2 = 0.68; its clipped step (lb 0.4) passes nothing
+    assert la_g.grad[1].tolist() == pytest.approx([0.68, 0.68], abs=1e-5)
+    assert lb_g.grad[1].tolist() == pytest.approx([-0.68, 0.0], abs=1e-5)
     # a (B,) log-ratio is one step
     one, _ = prdp_loss(T([0.1]), T([0.0]), T([0.5]), T([0.0]), 1.0, None)
     assert one.item() == pytest.approx(0.16, abs=1e-6)
     with pytest.raises(ValueError, match="reward_b"):
         prdp_loss(la, lb, ra, T([0.0, float("nan")]), 2.0, None)
+    with pytest.raises(ValueError, match="old_log_ratio_a and old_log_ratio_b"):
+        prdp_loss(la, lb, ra, rb, 2.0, 0.25, old_log_ratio_a=la)
+
+
+def test_prdp_clip_is_around_the_sampling_policy_not_the_reference():
+    """pi_ref = the pretrained model, pi_old = the sampling snapshot: r = log pi_theta/pi_ref per step,
+    old = log pi_old/pi_ref; the clip bounds r - old (PRDP eq. 20), the regression uses r itself."""
+    la, oa = T([[0.5, 0.1]]), T([[0.2, 0.1]])  # step 0 moved by 0.3 from pi_old, step 1 not at all
+    zero = T([[0.0, 0.0]])
+    # target 0.3: pred = 0.6 (err 0.09); clipped 0.2 + 0.1 + 0.1 = 0.4 (err 0.01): the unclipped error is larger
+    la_g = la.clone().requires_grad_(True)
+    loss, stats = prdp_loss(la_g, zero, T([0.3]), T([0.0]), 1.0, 0.1, old_log_ratio_a=oa, old_log_ratio_b=zero)
+    assert loss.item() == pytest.approx(0.09, abs=1e-6)
+    assert stats["clip_frac"].item() == 0.25 and stats["clipped_loss_frac"].item() == 0.0
+    loss.backward()
+    assert la_g.grad[0].tolist() == pytest.approx([0.6, 0.6], abs=1e-6)  # 2 * (0.6 - 0.3)
+    # target 1.0: unclipped err 0.16, clipped err (0.4 - 1)^2 = 0.36 wins; the clipped step passes nothing
+    la_g = la.clone().requires_grad_(True)
+    loss, _ = prdp_loss(la_g, zero, T([1.0]), T([0.0]), 1.0, 0.1, old_log_ratio_a=oa, old_log_ratio_b=zero)
+    assert loss.item() == pytest.approx(0.36, abs=1e-6)  # clipping around 0 instead of old would give (0.2 - 1)^2
+    loss.backward()
+    assert la_g.grad[0].tolist() == pytest.approx([0.0, -1.2], abs=1e-6)
+    # beta scales the prediction: beta * 0.6 against the target
+    loss, _ = prdp_loss(la, zero, T([0.3]), T([0.0]), 0.5, None, old_log_ratio_a=oa, old_log_ratio_b=zero)
+    assert loss.item() == pytest.approx(0.0, abs=1e-7)
 
 
 # ----------------------------------------------------------------------------- reward-weighted regression
@@ -218,6 +248,16 @@ def test_rwr_weights_exp():
     assert big.tolist() == pytest.approx([2 / 3, 4 / 3], abs=1e-4)
     capped = rwr_weights(r, max_weight=1.5)  # clamped after normalisation, not renormalised
     assert capped.tolist() == pytest.approx([3 / 7, 6 / 7, 1.5], abs=1e-6)
+
+
+def test_rwr_weights_topk():
+    r = T([0.3, 0.9, 0.1, 0.9])
+    assert rwr_weights(r, kind="topk", top_k=2).tolist() == [0.0, 2.0, 0.0, 2.0]  # B / k on the two best
+    assert rwr_weights(r, kind="topk", top_k=1).tolist() == [0.0, 4.0, 0.0, 0.0]  # a tie: the earlier item
+    assert rwr_weights(r, kind="topk", top_k=3).tolist() == pytest.approx([4 / 3, 4 / 3, 0.0, 4 / 3])
+    for bad in (0, 5, None):
+        with pytest.raises(ValueError, match="top_k"):
+            rwr_weights(r, kind="topk", top_k=bad)
 
 
 def test_rwr_weights_normalized_and_rank():

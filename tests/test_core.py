@@ -72,6 +72,10 @@ def test_config_yaml_and_overrides(tmp_path):
     cfg = load_config(Outer, f, ["inner.lr=3", "tags=[a, b]", "window=[1, 2]"])
     assert cfg == Outer(Inner(lr=3.0, name="y"), 5, ["a", "b"], (1, 2))
     assert isinstance(cfg.inner.lr, float)
+    # PyYAML reads "1e-5" (no dot) as a string: float fields take it as the number it is
+    assert load_config(Outer, None, ["inner.lr=1e-5"]).inner.lr == 1e-5
+    f.write_text("inner:\n  lr: 2E3\n")
+    assert load_config(Outer, f).inner.lr == 2000.0
 
 
 @pytest.mark.parametrize(

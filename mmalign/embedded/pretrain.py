@@ -22,7 +22,10 @@ two CLIP text encoders, no T5, ``AutoencoderKL`` with ``shift_factor``), then
 Without T5 the pipeline feeds ``max_sequence_length`` (256 by default) all-zero "T5" tokens after the
 CLIP tokens. Those tokens are identical at every layer, so attending to N of them equals attending to one
 whose attention logit is raised by log N; training uses one such token (:class:`ZeroTokensAttnProcessor`),
-which is exactly the default 256-token pipeline at a fraction of the cost.
+which is exactly the N-token pipeline at a fraction of the cost. ``--t5-tokens`` (default 1) is that N:
+the shipped model uses 1 (33 text tokens instead of 288, a 4x cheaper denoiser call), saved in
+``mmalign_adapter.json`` so ``mmalign.load_model`` passes ``max_sequence_length=1``. ``--init-from DIR``
+continues a run written by this script (its VAE kept, a new schedule on freshly generated pairs).
 
 ``clip`` trains a tiny ``open_clip.CLIP`` (see :mod:`mmalign.embedded.tiny_clip`) contrastively on
 ShapeWorld pairs, with one hard-negative caption per image (a colour / shape / count / relation edit of
@@ -52,6 +55,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..models.base import ADAPTER_OPTIONS_FILE  # read back by mmalign.load_model
 
 HF_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -445,13 +450,15 @@ def train_transformer(
 
 # ---------------------------------------------------------------------------------------------- SD3 eval
 @torch.no_grad()
-def sample_images(pipe, prompts: Sequence[str], *, steps: int, guidance: float, seed: int, batch_size: int = 64) -> Tensor:
+def sample_images(pipe, prompts: Sequence[str], *, steps: int, guidance: float, seed: int, batch_size: int = 64,
+                  max_sequence_length: int = 256) -> Tensor:
     """Images (N,3,H,W in [0,1]) from the pipeline's own ``__call__``; row i seeded with seed + i."""
     out = []
     for i in range(0, len(prompts), batch_size):
         chunk = list(prompts[i : i + batch_size])
         gens = [torch.Generator().manual_seed(seed + i + j) for j in range(len(chunk))]
-        res = pipe(prompt=chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="pt")
+        res = pipe(prompt=chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="pt",
+                   max_sequence_length=max_sequence_length)
         out.append(res.images.float().cpu())
     return torch.cat(out)
 
@@ -477,14 +484,14 @@ def shapeeval_scores(images: Tensor, prompts: Sequence[str], categories: Sequenc
     return table
 
 
-def evaluate_sd3(pipe, *, split: str = "heldout", samples_per_prompt: int = 2, steps: int = 16, guidance: float = 4.0, seed: int = 1234, max_prompts: int | None = None, log=print) -> dict[str, Any]:
+def evaluate_sd3(pipe, *, split: str = "heldout", samples_per_prompt: int = 2, steps: int = 16, guidance: float = 4.0, seed: int = 1234, max_prompts: int | None = None, max_sequence_length: int = 256, log=print) -> dict[str, Any]:
     suite = prompt_suite(split)
     if max_prompts is not None:
         suite = suite[:max_prompts]
     cats = [c for c, _ in suite for _ in range(samples_per_prompt)]
     prompts = [p for _, p in suite for _ in range(samples_per_prompt)]
     t0 = time.time()
-    images = sample_images(pipe, prompts, steps=steps, guidance=guidance, seed=seed)
+    images = sample_images(pipe, prompts, steps=steps, guidance=guidance, seed=seed, max_sequence_length=max_sequence_length)
     table = shapeeval_scores(images, prompts, cats)
     log(f"shapeeval[{split}] {len(suite)} prompts x {samples_per_prompt}, {steps} steps, cfg {guidance}: "
         f"strict {table['overall']['strict']:.3f} credit {table['overall']['credit']:.3f} ({time.time() - t0:.0f}s)")
@@ -549,6 +556,31 @@ def _notes_lines(meta: dict[str, Any]) -> list[str]:
     return ["## Notes and limitations", "", *[f"- {n}" for n in notes], ""] if notes else []
 
 
+def _t5_line(meta: dict[str, Any]) -> str:
+    n = int(meta.get("t5_tokens", 256))
+    if n == 256:
+        return ("The model was trained for the pipeline's default `max_sequence_length=256` (256 all-zero \"T5\" "
+                "tokens after the 32 CLIP tokens; training used one token with multiplicity 256, which is exactly equivalent).")
+    return (f"The model was trained with `max_sequence_length={n}` ({n} all-zero \"T5\" token(s) after the 32 CLIP "
+            f"tokens, {(32 + n)} text tokens instead of the pipeline default's 288: ~4x cheaper). Pass "
+            f"`max_sequence_length={n}` to the pipeline; `mmalign.load_model` reads it from `{ADAPTER_OPTIONS_FILE}`.")
+
+
+def _init_lines(meta: dict[str, Any]) -> list[str]:
+    chain, init = [], meta.get("init_from")
+    while init:
+        chain.append(init)
+        init = init.get("init_from")
+    if not chain:
+        return []
+    lines = ["This run continued an earlier one (its weights, VAE included, were the starting point). "
+             "The chain, oldest first:", "", "```"]
+    for c in reversed(chain):
+        lines.append(c.get("replay_command") or c.get("command") or "?")
+    lines += ["```", ""]
+    return lines
+
+
 def write_sd3_card(out: Path, meta: dict[str, Any]) -> None:
     tr = meta.get("training", {})
     ev = meta.get("eval", {})
@@ -567,15 +599,15 @@ def write_sd3_card(out: Path, meta: dict[str, Any]) -> None:
         "```python",
         "from diffusers import StableDiffusion3Pipeline",
         f"pipe = StableDiffusion3Pipeline.from_pretrained('{meta.get('out_rel', 'assets/shapeworld-sd3')}', text_encoder_3=None, tokenizer_3=None)",
-        "image = pipe('a red circle left of a blue square', num_inference_steps=16, guidance_scale=4.0,",
+        "image = pipe('a red circle left of a blue square', num_inference_steps=16, guidance_scale=4.0,"
+        + (f" max_sequence_length={int(meta.get('t5_tokens', 256))}," if int(meta.get("t5_tokens", 256)) != 256 else "") + "",
         "             generator=torch.Generator().manual_seed(0), output_type='pt').images  # 1,3,32,32",
         "",
         "import mmalign",
         f"adapter = mmalign.load_model('{meta.get('out_rel', 'assets/shapeworld-sd3')}')",
         "```",
         "",
-        "The model was trained for the pipeline's default `max_sequence_length=256` (256 all-zero \"T5\" tokens "
-        "after the 32 CLIP tokens; training used one token with multiplicity 256, which is exactly equivalent).",
+        _t5_line(meta),
         "",
         "## Architecture",
         "",
@@ -597,6 +629,7 @@ def write_sd3_card(out: Path, meta: dict[str, Any]) -> None:
         "```",
         "",
         *_replay_lines(meta),
+        *_init_lines(meta),
         f"- seed {meta['seed']}; {meta['num_train']} freshly generated ShapeWorld pairs "
         f"(`generate(n, seed, exclude_heldout=True)`: no held-out composition or prompt is ever seen)",
         f"- VAE: {tr.get('vae_steps')} steps, batch {meta['vae_batch_size']}, L1 + MSE + {meta['kl_weight']:g} x KL; "
@@ -664,8 +697,26 @@ def run_sd3(args) -> dict[str, Any]:
         vae_groups=args.vae_groups, text_layers=args.text_layers, num_merges=args.num_merges,
         context_length=args.context_length, shift=args.shift,
     )
-    log(f"building tiny SD3 pipeline: {arch}")
-    pipe = build_sd3_pipeline(args.seed, arch)
+    init_meta: dict[str, Any] | None = None
+    if args.init_from:
+        # continue a shipped run: its VAE (and latent shift/scale) stay as they are; the transformer and
+        # text encoders train on, with a fresh schedule, on freshly generated pairs (--seed)
+        src = Path(args.init_from)
+        mfile = src / "metrics.json"
+        if not mfile.is_file():
+            raise PretrainError(f"--init-from {src}: no metrics.json (not written by `pretrain sd3`)")
+        init_meta = json.loads(mfile.read_text())
+        a = init_meta["arch"]
+        arch = SD3Arch(layers=a["layers"], heads=a["heads"], head_dim=a["head_dim"], vae_channels=tuple(a["vae_channels"]),
+                       vae_groups=a["vae_groups"], text_layers=a["text_layers"], num_merges=a["num_merges"],
+                       context_length=a["context_length"], shift=a["shift"])
+        log(f"continuing {src} ({init_meta.get('training', {}).get('steps_done')} steps, "
+            f"{init_meta.get('t5_tokens', 256)} zero T5 tokens): {arch}")
+        pipe = load_sd3_dir(src)
+        pipe.to(torch.float32)
+    else:
+        log(f"building tiny SD3 pipeline: {arch}")
+        pipe = build_sd3_pipeline(args.seed, arch)
     params = {
         "transformer": _param_count(pipe.transformer),
         "vae": _param_count(pipe.vae),
@@ -677,17 +728,24 @@ def run_sd3(args) -> dict[str, Any]:
     images, captions, _ = training_data(args.num_train, args.seed, size=args.image_size, log=log)
     val_images, _, _ = training_data(256, args.seed + 7919, size=args.image_size, log=log)
 
-    # 1. VAE
+    # 1. VAE (kept as it is when continuing a run)
     vae = pipe.vae
-    stats = train_vae(vae, images, steps=args.vae_steps, batch_size=args.vae_batch_size, lr=args.vae_lr,
-                      kl_weight=args.kl_weight, seed=args.seed + 1, log=log, max_seconds=args.vae_max_minutes * 60)
+    if init_meta is None:
+        stats = train_vae(vae, images, steps=args.vae_steps, batch_size=args.vae_batch_size, lr=args.vae_lr,
+                          kl_weight=args.kl_weight, seed=args.seed + 1, log=log, max_seconds=args.vae_max_minutes * 60)
+    else:
+        stats = {k: init_meta["training"][k] for k in ("vae_steps", "vae_rec_loss", "vae_kl_per_elem", "vae_seconds")
+                 if k in init_meta.get("training", {})}
     psnr = vae_psnr(vae, val_images)
     log(f"vae: held-out reconstruction PSNR {psnr:.2f} dB")
     vae.requires_grad_(False)
     mean, std = encode_latents(vae, images)
-    shift = float(mean.float().mean())
-    scale = float(1.0 / (mean.float() - shift).std())
-    vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    if init_meta is None:
+        shift = float(mean.float().mean())
+        scale = float(1.0 / (mean.float() - shift).std())
+        vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    else:
+        shift, scale = float(vae.config.shift_factor), float(vae.config.scaling_factor)
     log(f"latents {tuple(mean.shape)}: shift_factor {shift:.4f} scaling_factor {scale:.4f} "
         f"(posterior std mean {float(std.float().mean()):.4f})")
 
@@ -704,7 +762,7 @@ def run_sd3(args) -> dict[str, Any]:
     pipe.set_progress_bar_config(disable=True)
 
     # 3. save, reload, evaluate the shipped files
-    save_sd3_pipeline(pipe, out)
+    save_sd3_pipeline(pipe, out, max_sequence_length=args.t5_tokens)
     total = time.time() - t_start
     try:
         out_rel = str(out.resolve().relative_to(Path.cwd().resolve()))
@@ -726,6 +784,15 @@ def run_sd3(args) -> dict[str, Any]:
         "ema_decay": args.ema_decay,
         "cfg_dropout": args.cfg_dropout,
         "t5_tokens": args.t5_tokens,
+        "init_from": None if init_meta is None else {
+            "path": str(args.init_from),
+            "command": init_meta.get("command"),
+            "replay_command": init_meta.get("replay_command"),
+            "steps_done": init_meta.get("training", {}).get("steps_done"),
+            "t5_tokens": init_meta.get("t5_tokens", 256),
+            "total_seconds": init_meta.get("total_seconds"),
+            "init_from": init_meta.get("init_from"),
+        },
         "vae_psnr": psnr,
         "vae_shift_factor": shift,
         "vae_scaling_factor": scale,
@@ -747,7 +814,9 @@ def run_sd3(args) -> dict[str, Any]:
     return meta
 
 
-def save_sd3_pipeline(pipe, out: Path) -> None:
+
+
+def save_sd3_pipeline(pipe, out: Path, max_sequence_length: int = 256) -> None:
     """``save_pretrained`` with the transformer and VAE in float16 (diffusers loads them back as float32)
     and the small CLIP text encoders in float32 (transformers would keep float16 weights in float16);
     ``model_index.json`` records the absent T5 as ``[null, null]``."""
@@ -767,6 +836,12 @@ def save_sd3_pipeline(pipe, out: Path) -> None:
     for name in ("text_encoder_3", "tokenizer_3"):
         index.setdefault(name, [None, None])
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    # mmalign.load_model reads adapter defaults from this file: the zero "T5" tokens the model was trained with
+    options = out / ADAPTER_OPTIONS_FILE
+    if max_sequence_length != 256:
+        options.write_text(json.dumps({"adapter_kwargs": {"max_sequence_length": int(max_sequence_length)}}, indent=2) + "\n")
+    elif options.exists():
+        options.unlink()
 
 
 def load_sd3_dir(path: str | os.PathLike):
@@ -792,7 +867,8 @@ def eval_sd3_dir(path: Path, args, meta: dict[str, Any] | None = None, log=print
     ev: dict[str, Any] = {}
     for split in ("heldout", "train"):
         res = evaluate_sd3(pipe, split=split, samples_per_prompt=args.eval_samples, steps=args.eval_steps,
-                           guidance=args.eval_guidance, seed=args.eval_seed, max_prompts=max_prompts, log=log)
+                           guidance=args.eval_guidance, seed=args.eval_seed, max_prompts=max_prompts,
+                           max_sequence_length=int(meta.get("t5_tokens", 256)), log=log)
         if split == "heldout":
             save_grid(res["images"][:128], path / "samples_heldout.png")
         ev[split] = {k: v for k, v in res.items() if k not in ("images", "prompt_list")}
@@ -1106,6 +1182,7 @@ def write_clip_card(out: Path, meta: dict[str, Any]) -> None:
         "```",
         "",
         *_replay_lines(meta),
+        *_init_lines(meta),
         f"- seed {meta['seed']}; {meta['num_train']} fresh ShapeWorld pairs (`exclude_heldout=True`; no held-out "
         "composition or prompt, not even as a negative)",
         f"- {tr.get('steps_done')} steps (schedule of {meta.get('args', {}).get('steps', tr.get('steps_done'))}) of batch {meta['batch_size']}, AdamW lr {meta['lr']:g}, cosine; symmetric "
@@ -1231,7 +1308,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--text-lr", type=float, default=2e-4)
     s.add_argument("--cfg-dropout", type=float, default=0.1)
     s.add_argument("--ema-decay", type=float, default=0.999)
-    s.add_argument("--t5-tokens", type=int, default=256, help="zero T5 tokens the pipeline will feed (max_sequence_length)")
+    s.add_argument("--t5-tokens", type=int, default=1,
+                   help="zero T5 tokens the pipeline feeds (its max_sequence_length; 1 is 4x cheaper than the pipeline default 256)")
+    s.add_argument("--init-from", default=None,
+                   help="continue training a directory written by `pretrain sd3` (keeps its VAE; new schedule, new data from --seed)")
     s.add_argument("--max-minutes", type=float, default=36.0, help="stop training early past this wall time (VAE included)")
     s.add_argument("--stop-at-step", type=int, default=None, help="stop the transformer after this many steps (schedule still spans --steps): replays a time-capped run")
     sd3_eval_opts(s)
@@ -1287,6 +1367,8 @@ def _check(args, parser) -> None:
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             parser.error(f"--out {out} exists and is not a directory")
+    if args.command == "sd3" and args.init_from and not Path(args.init_from).is_dir():
+        parser.error(f"--init-from {args.init_from} is not a directory")
     if args.command in ("eval-sd3", "eval-clip") and not Path(args.model).is_dir():
         parser.error(f"--model {args.model} is not a directory")
 

@@ -16,7 +16,9 @@ Sampling math runs in float32; only the denoiser call is cast to the pipeline's 
 """
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -167,6 +169,26 @@ def check_num_steps(num_steps: int) -> int:
     return num_steps
 
 
+ADAPTER_OPTIONS_FILE = "mmalign_adapter.json"
+
+
+def saved_adapter_kwargs(model_id: str | os.PathLike) -> dict[str, Any]:
+    """Adapter defaults a local pipeline directory ships in ``mmalign_adapter.json``
+    (``{"adapter_kwargs": {...}}``, e.g. the ``max_sequence_length`` a model was trained with); {} for
+    hub ids and directories without the file. Explicit ``adapter_kwargs`` override them."""
+    path = Path(str(model_id)) / ADAPTER_OPTIONS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        kwargs = data["adapter_kwargs"]
+        if not isinstance(kwargs, dict):
+            raise TypeError("adapter_kwargs is not a mapping")
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise OSError(f"{path} is corrupt: {err}") from None
+    return kwargs
+
+
 class ModelAdapter(ABC):
     """Base class of every family adapter. Subclasses set the class attributes and the abstract methods.
 
@@ -235,7 +257,7 @@ class ModelAdapter(ABC):
             where = "local files only (offline)" if offline else "the hub or local files"
             raise OSError(f"could not load {cls.family} pipeline {model_id!r} from {where}: {err}") from err
         pipe.to(device)
-        return cls(pipe, **(adapter_kwargs or {}))
+        return cls(pipe, **{**saved_adapter_kwargs(model_id), **(adapter_kwargs or {})})
 
     # ---------------------------------------------------------------- properties
     @property
@@ -286,6 +308,38 @@ class ModelAdapter(ABC):
     @abstractmethod
     def decode(self, latents: Tensor) -> Tensor:
         """Final latents -> canonical media (see module docstring). Differentiable w.r.t. ``latents``."""
+
+    @torch.no_grad()  # the VAE is frozen: encoded images are training data, not trained
+    def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Images B,3,H,W in [0,1] (at the adapter's image size) -> latents B,*L in the pipeline's
+        ``latents=`` layout: the inverse of :meth:`decode` (VAE encoder, then the latent normalisation
+        that decode undoes: ``(z - mean) * scaling / std`` with ``latents_mean``/``latents_std``, else
+        ``(z - shift_factor) * scaling``; packed into tokens with the pipeline's ``_pack_latents`` where
+        the family packs, e.g. FLUX). The VAE posterior's mean, or a sample of it when ``generator`` is
+        given (as diffusers' training scripts do). Image families with an ``AutoencoderKL``-style VAE."""
+        if self.modality != "image":
+            raise NotImplementedError(f"{self.family}: encode_images is for image families, this one makes {self.modality}")
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"{self.family}: encode_images takes images B,3,H,W, got shape {tuple(images.shape)}")
+        vae = self.pipeline.vae
+        x = (images.float() * 2 - 1).to(device=next(vae.parameters()).device, dtype=vae.dtype)
+        posterior = vae.encode(x).latent_dist
+        z = (posterior.mean if generator is None else posterior.sample(generator)).float()
+        cfg = vae.config
+        mean, std = cfg.get("latents_mean"), cfg.get("latents_std")
+        if mean is not None and std is not None:
+            view = (1, z.shape[1], 1, 1)
+            z = (z - torch.tensor(mean, device=z.device).view(view)) * cfg.scaling_factor / torch.tensor(std, device=z.device).view(view)
+        else:
+            z = (z - (cfg.get("shift_factor") or 0.0)) * cfg.scaling_factor
+        b = z.shape[0]
+        expected = tuple(self.latent_shape(b))
+        if tuple(z.shape) != expected and len(expected) == 3 and hasattr(self.pipeline, "_pack_latents"):
+            z = self.pipeline._pack_latents(z, b, z.shape[1], z.shape[2], z.shape[3])
+        if tuple(z.shape) != expected:
+            raise ValueError(f"{self.family}: images of size {tuple(images.shape[-2:])} encode to latents {tuple(z.shape)}, "
+                             f"expected {expected}: give images at the model's size")
+        return z.to(self.device)
 
     def denoise(self, latents: Tensor, timestep: Tensor | float, conditioning: Conditioning) -> Tensor:
         """Model output for ``latents`` (B,*L) at ``timestep`` with classifier-free guidance applied.

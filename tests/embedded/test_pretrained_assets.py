@@ -37,9 +37,15 @@ def sd3_pipe():
     return pipe
 
 
+def _t5_tokens() -> int:
+    """The zero "T5" tokens the shipped model was trained with (its pipeline calls must pass them)."""
+    return int(json.loads((SD3_DIR / "metrics.json").read_text()).get("t5_tokens", 256))
+
+
 def _sample(pipe, prompt: str, seed: int, steps: int = 3) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
-    return pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=4.0, generator=gen, output_type="pt").images
+    return pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=4.0, generator=gen, output_type="pt",
+                max_sequence_length=_t5_tokens()).images
 
 
 @needs_sd3
@@ -79,7 +85,7 @@ def test_sd3_asset_draws_the_prompted_colour(sd3_pipe):
     """Trained, not random: a single-colour prompt yields that colour's hue among the bright pixels."""
     gen = [torch.Generator().manual_seed(s) for s in range(4)]
     imgs = sd3_pipe(prompt=["a red square"] * 2 + ["a blue square"] * 2, num_inference_steps=8, guidance_scale=4.0,
-                    generator=gen, output_type="pt").images
+                    generator=gen, output_type="pt", max_sequence_length=_t5_tokens()).images
 
     def mean_bright(img):
         mask = img.max(0).values > 0.4
@@ -107,6 +113,20 @@ def test_sd3_asset_through_load_model():
     adapter = mmalign.load_model(str(SD3_DIR), offline=True)
     assert adapter.family == "sd3" and adapter.pipeline.text_encoder_3 is None
     assert adapter.image_size() == (32, 32)
+    assert adapter.max_sequence_length == _t5_tokens()  # read from mmalign_adapter.json
+    other = mmalign.load_model(str(SD3_DIR), offline=True, adapter_kwargs={"max_sequence_length": 7})
+    assert other.max_sequence_length == 7  # explicit kwargs win
+
+
+def test_saved_adapter_kwargs_file(tmp_path):
+    from mmalign.models.base import saved_adapter_kwargs
+
+    assert saved_adapter_kwargs(tmp_path) == {} and saved_adapter_kwargs("org/hub-id") == {}
+    (tmp_path / "mmalign_adapter.json").write_text('{"adapter_kwargs": {"max_sequence_length": 1}}')
+    assert saved_adapter_kwargs(tmp_path) == {"max_sequence_length": 1}
+    (tmp_path / "mmalign_adapter.json").write_text('{"adapter_kwargs": [1]')
+    with pytest.raises(OSError, match="mmalign_adapter.json is corrupt"):
+        saved_adapter_kwargs(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------- CLIP asset

@@ -55,11 +55,26 @@ def _show(cfg) -> None:
 
 
 def cmd_sample(args) -> int:
+    from .config import apply_overrides, from_dict, load_yaml
     from .jobs import SampleJobConfig, run_sample
 
-    if args.model:  # --model M is sugar for the override model.name=M
-        args.overrides = [f"model.name={args.model}", *args.overrides]
-    cfg = _load(SampleJobConfig, args)
+    data = load_yaml(args.config) if args.config else {}
+    if args.model:  # --model M is sugar for model.name=M
+        data.setdefault("model", {})["name"] = args.model
+    inference = data.get("inference") if isinstance(data.get("inference"), dict) else None
+    if (args.optimize_noise or args.reward or args.report_reward) and inference is None:  # sugar for the inference section
+        if "inference" in data:
+            raise CLIError(f"config key 'inference' must be a mapping, got {data['inference']!r}")
+        inference = data["inference"] = {}
+    if args.optimize_noise:
+        inference["method"] = "reno"
+    if args.reward:
+        inference["rewards"] = [{"name": args.reward, "options": apply_overrides({}, args.reward_option)}]
+    elif args.reward_option:
+        raise CLIError("--reward-option/-o applies to --reward NAME; give --reward too")
+    if args.report_reward:
+        inference["report_rewards"] = [{"name": r} for r in args.report_reward]
+    cfg = from_dict(SampleJobConfig, apply_overrides(data, args.overrides))
     if args.show_config:
         _show(cfg)
         return 0
@@ -248,8 +263,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("sample", help="sample prompts with a recorded trajectory; writes media and a grid")
+    p = sub.add_parser("sample", help="sample prompts with a recorded trajectory (or best-of-N / ReNO / search / reward "
+                                      "guidance against rewards); writes media and a grid")
     p.add_argument("--model", "-m", help="model: tiny:<family>, a pipeline directory (e.g. assets/shapeworld-sd3) or an HF id")
+    p.add_argument("--optimize-noise", action="store_true",
+                   help="ReNO: optimise each prompt's initial noise against the rewards (= inference.method=reno)")
+    p.add_argument("--reward", "-r", metavar="NAME",
+                   help="reward to optimise (= inference.rewards=[{name: NAME}]); a registered name, tiny:NAME or module:factory")
+    p.add_argument("--reward-option", "-o", action="append", default=[], metavar="key=value",
+                   help="option of --reward (value parsed as YAML; repeatable), e.g. model_id=assets/shapeworld-clip")
+    p.add_argument("--report-reward", action="append", default=[], metavar="NAME",
+                   help="reward only reported before vs after (repeatable), e.g. shapeeval")
     _config_args(p)
     p.set_defaults(func=cmd_sample)
 

@@ -11,6 +11,7 @@ import torch
 
 from .config import to_dict
 from .samplers import SamplerConfig
+from .samplers.inference import BestOfNConfig, GuidanceConfig, NoiseOptConfig, SearchConfig
 
 DEFAULT_PROMPTS = [
     "a red circle left of a blue square",
@@ -60,12 +61,20 @@ class SampleJobConfig:
     """Output directory (grid.png, per-sample media, samples.json)."""
     upscale: int = 4
     """Integer nearest-neighbour upscaling of saved images (tiny models make tiny images)."""
+    threads: int | None = None
+    """torch CPU threads (None: torch's default). On a busy CPU, 1 avoids OpenMP threads spinning against
+    each other (tiny models slow down many times over)."""
+    inference: InferenceConfig = field(default_factory=lambda: InferenceConfig())
+    """Inference-time alignment against rewards (best_of_n, reno, search, reward_guidance); ``method: none``
+    samples plainly. ``batch_size`` prompts are optimised together, each with its own noise."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.upscale < 1:
             raise ValueError(f"upscale must be >= 1, got {self.upscale}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1 or null, got {self.threads}")
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -87,12 +96,16 @@ def run_sample(cfg: SampleJobConfig, log=print) -> dict[str, Any]:
     from .samplers import sample
 
     prompts = check_prompts(read_prompts(cfg.prompts_file) if cfg.prompts_file else cfg.prompts)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     m = cfg.model
     adapter = load_model(m.name, family=m.family, torch_dtype=m.dtype, device=m.device, offline=m.offline,
                          cache_dir=m.cache_dir, adapter_kwargs=m.adapter, seed=cfg.seed)
     log(f"loaded {adapter!r} from {m.name}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.inference.method != "none":
+        return run_inference_sample(cfg, adapter, prompts, out, log)
     gen = torch.Generator().manual_seed(cfg.seed)
     t0 = time.perf_counter()
     all_samples, records = [], []
@@ -142,6 +155,164 @@ def build_reward(cfg: RewardConfig):
 
     reward = resolve_reward(cfg.name, **cfg.options)
     return reward.to(cfg.device).eval()
+
+
+# ----------------------------------------------------------------------------- sample: inference-time alignment
+@dataclass
+class InferenceRewardConfig(RewardConfig):
+    """A reward optimised at sampling time (name / options / device as in ``mmalign score``), with a weight."""
+
+    weight: float = 1.0
+    """Weight w_i in the optimised total ``sum_i w_i R_i`` (negative lowers a reward)."""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """Extra metadata given with every sample to rewards that read metadata (each also gets its prompt)."""
+
+
+@dataclass
+class InferenceConfig:
+    """``mmalign sample`` with inference-time alignment: search or optimise the initial noise of each
+    prompt against rewards, write the best samples, ``trace.json`` and a before/after report."""
+
+    method: Literal["none", "best_of_n", "reno", "search", "reward_guidance"] = "none"
+    """``best_of_n``: N candidates per prompt, keep the best; ``reno``: optimise the noise by gradient
+    (ReNO, differentiable rewards only); ``search``: zero-order / random search over noises with a budget
+    of reward calls; ``reward_guidance``: reward gradient added at every step; ``none``: plain sampling."""
+    rewards: list[InferenceRewardConfig] = field(default_factory=list)
+    """Rewards to optimise, combined as ``sum_i w_i R_i``."""
+    report_rewards: list[RewardConfig] = field(default_factory=list)
+    """Rewards only reported, before (first sample) vs after (best sample), e.g. the ``shapeeval`` verifier."""
+    best_of_n: BestOfNConfig = field(default_factory=BestOfNConfig)
+    """Settings of ``best_of_n``."""
+    reno: NoiseOptConfig = field(default_factory=NoiseOptConfig)
+    """Settings of ``reno`` (sampler.method must be ode; few steps are the paper's setting)."""
+    search: SearchConfig = field(default_factory=SearchConfig)
+    """Settings of ``search``."""
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    """Settings of ``reward_guidance``."""
+    plot: bool = True
+    """Also plot the trace to ``trace.png`` (when matplotlib is installed; skipped with a message otherwise)."""
+
+    def __post_init__(self) -> None:
+        if self.method != "none" and not self.rewards:
+            raise ValueError(f"inference.method {self.method!r} needs at least one reward in inference.rewards "
+                             "(e.g. --reward clipscore, or rewards: [{name: clipscore, options: {...}}])")
+
+
+_TRACE_AXIS = {"reno": "iteration", "best_of_n": "candidate", "search": "reward call", "reward_guidance": "denoising step"}
+
+
+def _plot_trace(result: Any, path: Path, log) -> Path | None:
+    """A PNG of the trace (mean over prompts of the total and of the best so far), if matplotlib exists."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib is not installed: skipping trace.png (pip install matplotlib for the plot; trace.json has the numbers)")
+        return None
+    total = result.trace["total"]
+    x = list(range(total.shape[0]))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(x, torch.nanmean(total, dim=1).tolist(), marker=".", label="total reward (mean over prompts)")
+    if result.method != "reward_guidance":
+        ax.plot(x, result.best_so_far.mean(dim=1).tolist(), label="best so far (mean over prompts)")
+    ax.set_xlabel(_TRACE_AXIS.get(result.method, "index"))
+    ax.set_ylabel("sum_i w_i R_i")
+    ax.set_title(f"{result.method}: {len(result)} prompts")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _before_after(reward_set: Any, result: Any, adapter: Any) -> dict[str, dict[str, Any]]:
+    """Every reward (optimised and report-only) on the first and the best sample of each prompt."""
+    kwargs = {k: v for k, v in (("fps", adapter.fps), ("sample_rate", adapter.sample_rate)) if v is not None}
+    before = reward_set.score(result.initial_samples, result.prompts, **kwargs)
+    after = reward_set.score(result.samples, result.prompts, **kwargs)
+    report: dict[str, dict[str, Any]] = {}
+    for e in reward_set.entries:
+        for key, pick in [(e.label, lambda o: o.scores), (f"{e.label}.strict", lambda o: o.components.get("strict"))]:
+            b, a = pick(before[e.label]), pick(after[e.label])
+            if b is None or a is None:
+                continue
+            b, a = b.detach().float().cpu(), a.detach().float().cpu()
+            report[key] = {
+                "role": "report" if e.held_out else "optimised", "weight": None if e.held_out else e.weight,
+                "before_mean": float(torch.nanmean(b)), "after_mean": float(torch.nanmean(a)),
+                "before": b.tolist(), "after": a.tolist(),  # NaN (not scored) -> null when written as JSON
+            }
+    return report
+
+
+def _report_table(report: dict[str, dict[str, Any]]) -> str:
+    head = f"{'reward':28s} {'role':10s} {'before':>10s} {'after':>10s}"
+    lines = [head, "-" * len(head)]
+    for key, row in report.items():
+        lines.append(f"{_short(key, 28):28s} {row['role']:10s} {row['before_mean']:10.4f} {row['after_mean']:10.4f}")
+    return "\n".join(lines)
+
+
+def run_inference_sample(cfg: SampleJobConfig, adapter: Any, prompts: list[str], out: Path, log=print) -> dict[str, Any]:
+    """``mmalign sample`` with ``inference.method`` set: run the method over prompt chunks of
+    ``batch_size``, write the best samples (``sample_*``), the first ones (``initial_*``), ``grid.png``
+    (best), ``before_after.png`` (first row: before, second: after), ``trace.json`` and ``trace.png``."""
+    from .media import image_grid, save_image, save_media
+    from .samplers.inference import InferenceResult, best_of_n, optimize_noise, reward_guided_sample, search
+    from .trainers.common import RewardSet
+
+    inf = cfg.inference
+    reward_set = RewardSet.build(inf.rewards, inf.report_rewards, device=cfg.model.device)
+    labels = ", ".join(f"{e.label} x {e.weight:g}" for e in reward_set.trained)
+    log(f"{inf.method} on {len(prompts)} prompts, optimising {labels}"
+        + (f"; reporting {', '.join(e.label for e in reward_set.held_out)}" if reward_set.held_out else ""))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    parts = []
+    for start in range(0, len(prompts), cfg.batch_size):
+        chunk = prompts[start : start + cfg.batch_size]
+        if inf.method == "best_of_n":
+            part = best_of_n(adapter, chunk, reward_set, inf.best_of_n.n, cfg.sampler, gen, batch_size=inf.best_of_n.batch_size)
+        elif inf.method == "reno":
+            part = optimize_noise(adapter, chunk, reward_set, inf.reno, cfg.sampler, gen, log=log)
+        elif inf.method == "search":
+            part = search(adapter, chunk, reward_set, inf.search, cfg.sampler, gen, log=log)
+        else:
+            part = reward_guided_sample(adapter, chunk, reward_set, inf.guidance, cfg.sampler, gen)
+        parts.append(part)
+        log(f"{inf.method}: {start + len(chunk)}/{len(prompts)} prompts")
+    seconds = time.perf_counter() - t0
+    result = InferenceResult.cat(parts)
+    report = _before_after(reward_set, result, adapter)
+    table = _report_table(report)
+    log("before = first sample of each prompt (plain sampling of its first noise), after = returned best:\n" + table)
+    paths = save_media(result.samples, adapter.modality, out, sample_rate=adapter.sample_rate, fps=adapter.fps, upscale=cfg.upscale)
+    initial = save_media(result.initial_samples, adapter.modality, out, prefix="initial", sample_rate=adapter.sample_rate,
+                         fps=adapter.fps, upscale=cfg.upscale)
+    grid_path = pair_path = None
+    if adapter.modality == "image":
+        grid_path = save_image(image_grid(result.samples), out / "grid.png", cfg.upscale)
+        k = min(len(result), 16)
+        pair_path = save_image(image_grid(torch.cat([result.initial_samples[:k], result.samples[:k]]), ncols=k),
+                               out / "before_after.png", cfg.upscale)
+    trace = {**result.to_json(), "seconds": round(seconds, 3), "report": report,
+             "files": [{"prompt": p, "best": a.name, "initial": b.name} for p, a, b in zip(result.prompts, paths, initial)]}
+    (out / "trace.json").write_text(json.dumps(_jsonable(trace), indent=2))
+    plot = _plot_trace(result, out / "trace.png", log) if inf.plot else None
+    (out / "report.txt").write_text(table + "\n")
+    summary = {"model": cfg.model.name, "family": adapter.family, "modality": adapter.modality, "method": inf.method,
+               "seconds": round(seconds, 3), "grid": None if grid_path is None else str(grid_path),
+               "before_after": None if pair_path is None else str(pair_path), "trace": str(out / "trace.json"),
+               "plot": None if plot is None else str(plot), "report": report,
+               "samples": [{"index": i, "prompt": p, "file": f.name, "best_total": _jsonable(float(result.scores[i])),
+                            "best_index": int(result.best_index[i])} for i, (p, f) in enumerate(zip(result.prompts, paths))],
+               "config": to_dict(cfg)}
+    (out / "samples.json").write_text(json.dumps(_jsonable(summary), indent=2))
+    log(f"wrote {len(paths)} best samples, {out / 'trace.json'}" + ("" if grid_path is None else f", {grid_path}, {pair_path}")
+        + ("" if plot is None else f", {plot}") + f" in {seconds:.1f}s")
+    return summary
 
 
 @dataclass

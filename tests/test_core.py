@@ -44,7 +44,8 @@ def test_registry_lazy_targets_import_on_first_get():
 
 def test_list_functions_show_what_exists():
     assert {"sd", "sdxl", "sd3", "flux", "wan", "cogvideox", "audioldm"} <= set(mmalign.list_models())
-    assert {"ode", "flow_grpo", "dance", "cps", "ddim", "ddpm"} == set(mmalign.list_samplers())
+    assert {"ode", "flow_grpo", "dance", "cps", "ddim", "ddpm",
+            "best_of_n", "reno", "search", "reward_guidance"} == set(mmalign.list_samplers())
     assert isinstance(mmalign.list_rewards(), list) and isinstance(mmalign.list_trainers(), list)
     from mmalign.registry import SAMPLERS
 

@@ -27,6 +27,17 @@ for _name, _doc in {
     # SAMPLERS.get(name)(num_steps=..., ...) builds that method's SamplerConfig.
     SAMPLERS.register(_name, functools.partial(SamplerConfig, method=_name), description=_doc)
 
+# Inference-time alignment (mmalign.samplers.inference): SAMPLERS.get(name) is the function
+# (adapter, prompts, rewards, ...) -> InferenceResult; loaded lazily.
+for _name, _target, _doc in [
+    ("best_of_n", "best_of_n", "best-of-N: N samples per prompt, keep the highest weighted reward (any reward)"),
+    ("reno", "optimize_noise", ("ReNO: optimise the initial noise against differentiable rewards, norm "
+                                "regulariser, grad clipping (arXiv 2406.04312)")),
+    ("search", "search", "zero-order / random search over initial noises with a reward-call budget (arXiv 2501.09732)"),
+    ("reward_guidance", "reward_guided_sample", "reward gradient on the predicted x0 added at every step (RewardCallback)"),
+]:
+    SAMPLERS.register(_name, f"mmalign.samplers.inference:{_target}", description=_doc)
+
 __all__ = [
     "SamplerConfig", "StepLogProbs", "StepOutput", "ddim_step", "ddpm_step", "flow_ode_step", "flow_sde_step",
     "flow_x0", "flow_x1", "gaussian_log_prob", "log_prob", "ode_complete", "random_sde_window", "sample", "step",

@@ -8,6 +8,7 @@ with unchanged parameters it reproduces the recorded values.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Literal, Sequence
 
@@ -41,6 +42,9 @@ class SamplerConfig:
     """Flow SDE noise: ``a`` for flow_grpo (0.7 in Flow-GRPO) and cps, ``eta`` for dance (0.3 for FLUX)."""
     eta: float = 1.0
     """DDIM eta for method ``ddim`` (1.0 in DDPO)."""
+    noise_levels: list[float] | None = None
+    """Per-step noise (K values, >= 0) used instead of ``noise_level`` (flow SDEs) or ``eta`` (ddim) at
+    each step, e.g. DenseGRPO's per-timestep calibration (arXiv 2601.20218); None = the constant one."""
     sde_window: tuple[int, int] | None = None
     """Steps ``[start, end)`` that are stochastic (Flow-GRPO-Fast / MixGRPO); None = every step."""
     log_prob_reduction: Reduction = "mean"
@@ -70,11 +74,28 @@ class SamplerConfig:
             raise ValueError(f"group_size must be >= 1, got {self.group_size}")
         if self.log_prob_reduction not in ("mean", "sum"):
             raise ValueError(f"log_prob_reduction must be 'mean' or 'sum', got {self.log_prob_reduction!r}")
+        if self.noise_levels is not None:
+            if self.method in ("ode", "ddpm"):
+                raise ValueError(f"noise_levels: method {self.method!r} has no noise level to set per step "
+                                 "(use flow_grpo, dance, cps or ddim)")
+            levels = [float(v) for v in self.noise_levels]
+            if len(levels) != self.num_steps:
+                raise ValueError(f"noise_levels has {len(levels)} values for num_steps={self.num_steps} (give one per step)")
+            bad = [i for i, v in enumerate(levels) if not math.isfinite(v) or v < 0]
+            if bad:
+                raise ValueError(f"noise_levels must be finite and >= 0; steps {bad} are {[levels[i] for i in bad]}")
+            self.noise_levels = levels
         if self.sde_window is not None:
             start, end = self.sde_window
             if not (0 <= start < end <= self.num_steps):
                 raise ValueError(f"sde_window {self.sde_window} must satisfy 0 <= start < end <= num_steps={self.num_steps}")
             self.sde_window = (int(start), int(end))
+
+    def step_noise(self, k: int) -> float:
+        """The noise of step ``k``: ``noise_levels[k]`` when given, else ``eta`` (ddim) or ``noise_level``."""
+        if self.noise_levels is not None:
+            return self.noise_levels[k]
+        return self.eta if self.method == "ddim" else self.noise_level
 
     def in_window(self, k: int) -> bool:
         """Whether step ``k`` uses the stochastic rule."""
@@ -125,7 +146,7 @@ def step(
         if not stochastic:
             return flow_ode_step(model_output, x, s, s_next, reduction=red)
         return flow_sde_step(
-            model_output, x, s, s_next, noise_level=config.noise_level, kind=config.method,
+            model_output, x, s, s_next, noise_level=config.step_noise(k), kind=config.method,
             sigma_for_one=_sigma_for_one(schedule), prev_sample=prev_sample, noise=noise,
             generator=generator, reduction=red,
         )
@@ -133,7 +154,7 @@ def step(
     if config.method == "ddpm" and stochastic:
         return ddpm_step(model_output, x, a, a_prev, prediction_type=schedule.prediction_type,
                          prev_sample=prev_sample, noise=noise, generator=generator, reduction=red)
-    eta = config.eta if stochastic else 0.0
+    eta = config.step_noise(k) if stochastic else 0.0
     return ddim_step(model_output, x, a, a_prev, eta=eta, prediction_type=schedule.prediction_type,
                      prev_sample=prev_sample, noise=noise, generator=generator, reduction=red)
 
@@ -300,16 +321,37 @@ def ode_complete(
     conditioning: Conditioning,
     *,
     decode: bool = False,
+    max_steps: int | None = None,
+    micro_batch: int | None = None,
 ) -> Tensor:
     """Finish a trajectory deterministically: from ``latents`` (B,*L) at step ``from_step`` of a
     ``num_steps``-step schedule, run ODE steps to the end. Returns final latents, or media if ``decode``.
     (Dense per-step rewards score these completions.)
+
+    ``max_steps``: at most this many ODE steps, over schedule points evenly spaced in index between
+    ``from_step`` and the end (Euler / DDIM eta 0 across the skipped points; None = every remaining step).
+    ``micro_batch``: rows per denoiser call (None: the whole batch). ``from_step == num_steps`` returns
+    ``latents`` as they are (decoded if ``decode``).
     """
     schedule = adapter.schedule(num_steps)
     if not 0 <= from_step <= schedule.num_steps:
         raise ValueError(f"from_step {from_step} out of range [0, {schedule.num_steps}]")
-    ode = SamplerConfig(method="ode", num_steps=num_steps)
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
+        raise ValueError(f"max_steps must be a positive integer or None, got {max_steps!r}")
     x = latents.float().to(adapter.device)
-    for k in range(from_step, schedule.num_steps):
-        x = step(schedule, ode, k, adapter.denoise(x, schedule.timesteps[k], conditioning), x).prev_sample
+    remaining = schedule.num_steps - from_step
+    if remaining > 0:
+        n = remaining if max_steps is None else min(max_steps, remaining)
+        points = [from_step + (i * remaining) // n for i in range(n)] + [schedule.num_steps]  # distinct: remaining >= n
+        pick = torch.as_tensor(points)
+        sub = Schedule(
+            kind=schedule.kind, timesteps=schedule.timesteps[pick[:-1].to(schedule.timesteps.device)],
+            prediction_type=schedule.prediction_type,
+            sigmas=None if schedule.sigmas is None else schedule.sigmas[pick.to(schedule.sigmas.device)],
+            alphas_cumprod=None if schedule.alphas_cumprod is None else schedule.alphas_cumprod[pick.to(schedule.alphas_cumprod.device)],
+        )
+        ode = SamplerConfig(method="ode", num_steps=n)
+        for k in range(n):
+            out = adapter.denoise_in_chunks(x, sub.timesteps[k], conditioning, micro_batch)
+            x = step(sub, ode, k, out, x).prev_sample
     return adapter.decode(x) if decode else x

@@ -31,6 +31,11 @@ TRAINERS.register(
     description="GRPO for flow/diffusion models (Flow-GRPO, DanceGRPO, DDPO-style): group advantages, "
                 "PPO clip on recomputed step log-probs, optional latent KL, SDE windows",
 )
+TRAINERS.register(
+    "dense_grpo", "mmalign.trainers.dense_grpo:DenseGRPOTrainer",
+    description="DenseGRPO: per-step reward gains of ODE completions as per-step GRPO advantages, "
+                "reward-aware per-timestep noise calibration",
+)
 
 
 def load_train_config(path=None, overrides=()):

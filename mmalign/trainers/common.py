@@ -17,7 +17,8 @@ and implements :meth:`Trainer.train_step`; everything else comes from here, as p
 ``gather(...)``             every process's rows, in rank order (group advantages need them all)
 ``rewards.score(...)``      trained and held-out rewards on the same samples (:class:`RewardSet`)
 ``evaluate(step)``          fixed prompts and seeds: sample grid PNG + eval rewards in the JSONL
-``save_checkpoint(step)``   weights (LoRA only when LoRA), EMA, optimizer, scheduler, RNG, step;
+``save_checkpoint(step)``   weights (LoRA only when LoRA), EMA, optimizer, scheduler, RNG, step,
+                            ``extra_state()`` of the algorithm;
                             written atomically (temp dir, fsync, ``os.replace``, then ``latest``)
 ``fit()``                   the loop: train_step, logging, eval, checkpoints, progress bar
 ==========================  =========================================================================
@@ -360,6 +361,9 @@ def train_config_class() -> type:
     from . import TRAINERS
 
     classes = list(dict.fromkeys(trainer_class(n).config_class for n in TRAINERS.names()))
+    # a config class that another one extends (GRPO under DenseGRPO) is already in its bases: keeping
+    # both could make the method resolution order inconsistent (base listed before subclass)
+    classes = [c for c in classes if not any(o is not c and issubclass(o, c) for o in classes)]
 
     def __post_init__(self) -> None:
         cls = trainer_class(self.algorithm).config_class
@@ -793,6 +797,17 @@ class Trainer:
         """One training step (``step`` = completed steps before it); returns its metrics."""
         raise NotImplementedError
 
+    def extra_state(self) -> dict[str, Any]:
+        """Algorithm state beyond weights, optimizer, schedule and RNG (e.g. an adaptive noise schedule),
+        as tensors and plain data, the same on every process: saved in each checkpoint as
+        ``extra_state.pt`` (when not empty) and given back to :meth:`load_extra_state` on resume."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`extra_state` returned (called by :meth:`load_checkpoint`)."""
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no extra state, but the checkpoint has {sorted(state)}")
+
     # ------------------------------------------------------------------ setup
     def _make_accelerator(self):
         from accelerate import Accelerator
@@ -1079,6 +1094,9 @@ class Trainer:
             files = {"trained.safetensors": lambda p: save_file({n: t.detach().float().contiguous().cpu() for n, t in self.named_trainable}, str(p)),
                      "optimizer.pt": lambda p: torch.save(self.optimizer.state_dict(), p),
                      "scheduler.pt": lambda p: torch.save(self.scheduler.state_dict(), p)}
+            extra = self.extra_state()
+            if extra:
+                files["extra_state.pt"] = lambda p: torch.save(extra, p)
             if self.ema is not None:
                 files["ema.safetensors"] = lambda p: save_file({n: t.contiguous().cpu() for n, t in self.ema.shadow.items()}, str(p))
             for fname, write in files.items():
@@ -1159,6 +1177,11 @@ class Trainer:
             warnings.warn(f"{path} has no RNG state for process {self.rank} (saved with {state.get('world_size')} processes): using process 0's")
             rng = path / "rng_state_0.pt"
         self._set_rng_state(torch.load(rng, weights_only=True))
+        if (path / "extra_state.pt").is_file():
+            self.load_extra_state(torch.load(path / "extra_state.pt", map_location="cpu", weights_only=True))
+        elif self.extra_state():
+            raise ValueError(f"checkpoint {path} has no extra_state.pt, but {type(self).__name__} keeps state "
+                             f"{sorted(self.extra_state())} that resuming needs")
         self.step, self.updates = int(state["step"]), int(state["updates"])
         self.log(f"resumed from {path} at step {self.step}")
 

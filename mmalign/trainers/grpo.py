@@ -27,7 +27,9 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import Tensor
 
+from ..models.base import Conditioning
 from ..samplers import SamplerConfig, log_prob, random_sde_window
+from ..types import Rollout
 from .advantages import aggregate_rewards
 from .common import PromptSource, TrainConfig, Trainer, make_generator, tensor_stats
 from .losses import latent_kl, ppo_clip_loss
@@ -107,8 +109,9 @@ class GRPOTrainConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.algorithm != "grpo":
-            raise ValueError(f"algorithm must be 'grpo' for a GRPO config, got {self.algorithm!r}")
+        expected = type(self).__dataclass_fields__["algorithm"].default  # "grpo" here; subclasses set their own
+        if self.algorithm != expected:
+            raise ValueError(f"algorithm must be {expected!r} for a {type(self).__name__}, got {self.algorithm!r}")
         s, g = self.sampler, self.grpo
         if s.method == "ode" or (s.method == "ddim" and s.eta == 0):
             raise ValueError(f"sampler.method: GRPO needs a stochastic sampler (flow_grpo, dance or cps for flow models; "
@@ -209,20 +212,15 @@ class GRPOTrainer(Trainer):
         adv = aggregate_rewards(scores, weights, group_ids, mode=g.reward_aggregation, std=g.adv_std, eps=g.adv_eps, clip=g.adv_clip)
         return torch.where(valid, adv, torch.zeros_like(adv))
 
-    # ------------------------------------------------------------------ the step
-    def train_step(self, step: int) -> dict[str, Any]:
-        cfg, g, adapter = self.cfg, self.cfg.grpo, self.adapter
-        sampler = self.step_sampler(step)
+    def score_samples(self, rollout: Rollout) -> tuple[dict[str, Tensor], Tensor, Tensor, list[str], dict[str, Any]]:
+        """Score this process's final samples with every reward and gather the full batch.
 
-        # 1. rollouts: the global prompt draw is the same everywhere; this process samples its slice
-        drawn = self.prompt_source.draw(g.prompts_per_step, make_generator(cfg.seed, "prompts", step))
-        local, _ = self.shard([(i, c, p) for i, (c, p) in enumerate(drawn)])
-        rollout = self.sample_groups(step, local, sampler)
-        b = rollout.batch_size
-
-        # 2. rewards on this process's samples; 3. gather, advantages on the full batch, take our slice
+        Returns ``(scores, valid, group_ids, reasons, metrics)``: the trained rewards' scores
+        ``{label: B}`` and their validity (B,) bool, the group ids (B,), the reasons of invalid scores,
+        and the reward metrics (``reward/<label>/...``, ``held_out/<label>/...``, ``samples``).
+        """
         outs = self.rewards.score(rollout.samples, rollout.prompts, categories=rollout.meta["categories"],
-                                  group_ids=rollout.group_ids, fps=adapter.fps, sample_rate=adapter.sample_rate)
+                                  group_ids=rollout.group_ids, fps=self.adapter.fps, sample_rate=self.adapter.sample_rate)
         group_ids = self.gather(rollout.group_ids)
         metrics: dict[str, Any] = {"samples": int(group_ids.numel())}
         scores, valid = {}, torch.ones(group_ids.numel(), dtype=torch.bool)
@@ -236,17 +234,44 @@ class GRPOTrainer(Trainer):
             if not e.held_out:
                 scores[e.label], valid = s, valid & ok
         reasons = [f"{e.label}: {r}" for e in self.rewards.trained for r in outs[e.label].reasons if r is not None]
+        return scores, valid, group_ids, reasons, metrics
+
+    def step_advantages(self, step: int, rollout: Rollout, sampler: SamplerConfig, steps: list[int],
+                        conditioning: Conditioning) -> tuple[Tensor, dict[str, Any]]:
+        """Advantages of this process's rows at every step, (b, K), and the step's reward metrics.
+
+        GRPO: the group advantage of each sample's final reward, the same at every step (broadcast).
+        Only the columns of the trained ``steps`` are used; ``conditioning`` is the rollout's encoded
+        prompts (for subclasses that run the model, e.g. DenseGRPO's per-step completions).
+        """
+        scores, valid, group_ids, reasons, metrics = self.score_samples(rollout)
         adv_all = self.advantages(scores, valid, group_ids, reasons)
-        adv = adv_all[self.rank * b: (self.rank + 1) * b].to(adapter.device)
         metrics["advantage/abs_mean"] = float(adv_all.abs().mean())
+        b = rollout.batch_size
+        adv = adv_all[self.rank * b: (self.rank + 1) * b].to(self.adapter.device)
+        return adv[:, None].expand(b, rollout.num_steps), metrics
+
+    # ------------------------------------------------------------------ the step
+    def train_step(self, step: int) -> dict[str, Any]:
+        cfg, g, adapter = self.cfg, self.cfg.grpo, self.adapter
+        sampler = self.step_sampler(step)
+
+        # 1. rollouts: the global prompt draw is the same everywhere; this process samples its slice
+        drawn = self.prompt_source.draw(g.prompts_per_step, make_generator(cfg.seed, "prompts", step))
+        local, _ = self.shard([(i, c, p) for i, (c, p) in enumerate(drawn)])
+        rollout = self.sample_groups(step, local, sampler)
+        b = rollout.batch_size
+        steps = self.trained_timesteps(rollout.stochastic, step)
+        with torch.no_grad(), self.autocast():  # encoded exactly as when sampling (same chunks, same guidance)
+            cond_all = adapter.encode_in_chunks(rollout.prompts, rollout.negative_prompts, rollout.meta["guidance_scale"], sampler.micro_batch)
+
+        # 2. rewards on this process's samples; 3. gather, advantages on the full batch, take our slice (b, K)
+        adv, metrics = self.step_advantages(step, rollout, sampler, steps, cond_all)
 
         # 4. PPO updates on recomputed log-probs of the trained timesteps
-        steps = self.trained_timesteps(rollout.stochastic, step)
         metrics["timesteps"] = len(steps)
         if sampler.sde_window is not None:
             metrics["sde_window_start"] = sampler.sde_window[0]
-        with torch.no_grad(), self.autocast():  # encoded exactly as when sampling (same chunks, same guidance)
-            cond_all = adapter.encode_in_chunks(rollout.prompts, rollout.negative_prompts, rollout.meta["guidance_scale"], sampler.micro_batch)
         mb = b // g.num_minibatches
         sums: dict[str, list[float]] = defaultdict(list)
         first_dev, updates = 0.0, []
@@ -257,7 +282,7 @@ class GRPOTrainer(Trainer):
                 rows = order[m * mb: (m + 1) * mb]
                 sub, cond, adv_mb = rollout.select(rows), cond_all.select(rows), adv[rows.to(adv.device)]
                 for k in steps:
-                    loss, stats = self.timestep_loss(sub, cond, adv_mb, k, sampler)
+                    loss, stats = self.timestep_loss(sub, cond, adv_mb[:, k], k, sampler)
                     self.backward(loss, scale=1.0 / len(steps))
                     for key, v in stats.items():
                         sums[key].append(v)

@@ -36,6 +36,11 @@ TRAINERS.register(
     description="DenseGRPO: per-step reward gains of ODE completions as per-step GRPO advantages, "
                 "reward-aware per-timestep noise calibration",
 )
+TRAINERS.register(
+    "reward_backprop", "mmalign.trainers.backprop:RewardBackpropTrainer",
+    description="reward backpropagation for differentiable rewards: DRaFT-K / DRaFT-LV, AlignProp random "
+                "truncation (last K steps, checkpointed), ControlNet++ single-step",
+)
 
 
 def load_train_config(path=None, overrides=()):

@@ -317,6 +317,10 @@ class TrainConfig:
             raise ValueError("out must be a directory path")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1 or null, got {self.threads}")
+        if (self.eval.method == "train" and self.sampler.noise_levels is not None
+                and self.eval.num_steps not in (None, self.sampler.num_steps)):
+            raise ValueError(f"eval.num_steps {self.eval.num_steps} differs from sampler.num_steps {self.sampler.num_steps}, but "
+                             "sampler.noise_levels has one level per training step: use eval.method: ode or the training num_steps")
 
 
 def trainer_class(algorithm: str) -> type["Trainer"]:
@@ -1004,7 +1008,7 @@ class Trainer:
         e, s = self.cfg.eval, self.cfg.sampler
         base = dataclasses.replace(s, group_size=1, same_noise_in_group=False, record_x0=False, decode=True)
         if e.method == "ode":
-            base = dataclasses.replace(base, method="ode", sde_window=None)
+            base = dataclasses.replace(base, method="ode", sde_window=None, noise_levels=None)
         return dataclasses.replace(base, num_steps=e.num_steps or s.num_steps,
                                    guidance_scale=s.guidance_scale if e.guidance_scale is None else e.guidance_scale)
 

@@ -107,6 +107,9 @@ class DenseGRPOTrainConfig(GRPOTrainConfig):
         super().__post_init__()
         s, d = self.sampler, self.dense
         if d.calibrate:
+            if self.eval.method == "train" and self.eval.num_steps not in (None, s.num_steps):
+                raise ValueError(f"eval.num_steps {self.eval.num_steps}: eval.method train samples with the calibrated "
+                                 f"noise levels, one per training step ({s.num_steps}); use eval.method: ode or the training num_steps")
             if s.method == "ddpm":
                 raise ValueError("dense.calibrate: a ddpm sampler has no noise level to calibrate "
                                  "(use ddim with eta > 0, or set dense.calibrate: false)")
@@ -269,6 +272,16 @@ class DenseGRPOTrainer(GRPOTrainer):
         """GRPO's step sampler with the calibrated per-step noise levels."""
         s = super().step_sampler(step)
         if self.calibrator is not None:
+            s = dataclasses.replace(s, noise_levels=self.calibrator.levels(self.base_noise))
+        return s
+
+    def eval_sampler(self) -> SamplerConfig:
+        """The evaluation sampler; with ``eval.method: train`` it uses the calibrated noise levels."""
+        s = super().eval_sampler()
+        if self.calibrator is not None and s.method != "ode":
+            if s.num_steps != self.calibrator.num_steps:
+                raise ValueError(f"eval.method train with eval.num_steps {s.num_steps}: the calibrated noise levels are per "
+                                 f"training step ({self.calibrator.num_steps}); use eval.method: ode or the training num_steps")
             s = dataclasses.replace(s, noise_levels=self.calibrator.levels(self.base_noise))
         return s
 

@@ -321,6 +321,23 @@ def test_config_errors_name_the_problem(tmp_path, override, message):
         config(tmp_path, *([override] if isinstance(override, str) else override))
 
 
+def test_evaluation_sampler_and_per_step_levels(tmp_path):
+    t = trainer(tmp_path, "sampler.noise_levels=[0.5, 0.6, 0.7]", "eval.num_steps=5")
+    ev = t.eval_sampler()  # ODE evaluation: no per-step levels, any number of steps
+    assert ev.method == "ode" and ev.noise_levels is None and ev.num_steps == 5
+    assert t.base_noise == [0.5, 0.6, 0.7]
+    t.calibrator.multipliers = torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64)
+    assert t.step_sampler(0).noise_levels == pytest.approx([1.0, 0.6, 0.35])
+    (tmp_path / "t").mkdir()
+    t = trainer(tmp_path / "t", "sampler.noise_levels=[0.5, 0.6, 0.7]", "eval.method=train")
+    t.calibrator.multipliers = torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64)
+    assert t.eval_sampler().noise_levels == pytest.approx([1.0, 0.6, 0.35])  # the exploration being trained
+    with pytest.raises(ConfigError, match="eval.num_steps 5 differs from sampler.num_steps 3"):
+        config(tmp_path, "sampler.noise_levels=[0.5, 0.6, 0.7]", "eval.method=train", "eval.num_steps=5")
+    with pytest.raises(ConfigError, match="eval.method train samples with the calibrated noise levels"):
+        config(tmp_path, "eval.method=train", "eval.num_steps=5")
+
+
 def test_other_errors_name_the_problem(tmp_path):
     with pytest.raises(ConfigError, match="ddpm sampler has no noise level to calibrate"):
         config(tmp_path, "model.name=tiny:sd", "sampler.method=ddpm")

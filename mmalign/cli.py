@@ -1,4 +1,4 @@
-"""The ``mmalign`` command line: ``mmalign sample|score|eval-reward|eval|train|app|bench|list``.
+"""The ``mmalign`` command line: ``mmalign sample|score|eval-reward|eval|train|report|app|bench|list``.
 
 Configs come from ``--config file.yaml`` plus ``key.sub=value`` overrides; bad input prints
 ``mmalign: error: ...`` and exits with status 2 (never a traceback, unless ``MMALIGN_DEBUG=1``).
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 from . import __version__
@@ -22,9 +23,10 @@ def config_kinds() -> dict[str, type]:
     from .trainers.common import train_config_class
 
     # bench_*.yaml files name their benchmark (``name: rollout|rewards``) and hold its section;
-    # train_*.yaml files name their algorithm (``algorithm: grpo``) and hold its sections
+    # train_*.yaml files (and quickstart.yaml, the main job) name their algorithm (``algorithm: grpo``) and
+    # hold its sections; evalmodel_*.yaml are ``mmalign eval --model`` jobs
     return {"sample": SampleJobConfig, "bench": BenchConfig, "score": ScoreJobConfig, "eval": EvalRewardJobConfig,
-            "train": train_config_class(), "quickstart": EvalModelJobConfig}
+            "evalmodel": EvalModelJobConfig, "train": train_config_class(), "quickstart": train_config_class()}
 
 
 class CLIError(Exception):
@@ -215,6 +217,36 @@ def cmd_eval_model(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .trainers.report import write_report
+
+    targets = {}
+    for t in args.target:
+        key, sep, value = t.rpartition("=")
+        try:
+            targets[key] = float(value)
+        except ValueError:
+            raise CLIError(f"--target {t!r}: expected METRIC=NUMBER") from None
+        if not sep or not key:
+            raise CLIError(f"--target {t!r}: expected METRIC=NUMBER")
+    run = Path(args.run_dir)
+    if not run.is_dir():
+        raise CLIError(f"{run} is not a directory")
+    if not targets:  # the run's own config, when it declared targets
+        cfg_file = run / "config.yaml"
+        if cfg_file.is_file():
+            import yaml
+
+            targets = (yaml.safe_load(cfg_file.read_text()) or {}).get("eval", {}).get("report_targets", {}) or {}
+    rep = write_report(run, targets=targets)
+    for key, row in rep["eval"].items():
+        if key.endswith("/mean") and "/cat/" not in key or "gap_closed" in row:
+            extra = f"  ({100 * row['gap_closed']:.1f}% of the gap to {row['target']:g} closed)" if "gap_closed" in row else ""
+            print(f"{key:45s} {row['before']:10.4g} -> {row['after']:10.4g}{extra}")
+    print(f"wrote {run / 'report.json'}" + (f" and {run / rep['curves']}" if rep.get("curves") else ""))
+    return 0
+
+
 def cmd_train(args) -> int:
     from .trainers import build_trainer, load_train_config
 
@@ -308,6 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="align a model to rewards (config: algorithm + sections, e.g. configs/train_grpo_tiny.yaml)")
     _config_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("report", help="(re)write a training run's report.json, curves.png, before/after.png from its metrics.jsonl")
+    p.add_argument("run_dir", help="a training run's out directory")
+    p.add_argument("--target", action="append", default=[], metavar="METRIC=VALUE",
+                   help="measure the gap closed towards VALUE, e.g. eval/shapeeval:strict/mean=1 (repeatable)")
+    p.set_defaults(func=cmd_report)
 
     for name, what in [("app", "Gradio inspection apps")]:
         p = sub.add_parser(name, help=f"{what} (coming in a later release)")

@@ -225,8 +225,22 @@ class EvalConfig:
     """``ode``: deterministic sampling (Euler / DDIM eta 0); ``train``: the training sampler (SDE)."""
     upscale: int = 4
     """Nearest-neighbour upscaling of the saved grid."""
+    batch_size: int | None = 32
+    """Prompts sampled together per seed (null = all at once); one generator per seed runs through the
+    chunks, so a run's evaluations are comparable with each other."""
+    by_category: bool = True
+    """Also log each reward (and its components, e.g. shapeeval's ``strict``) per prompt category
+    (``eval/<reward>/cat/<category>``) when the prompts come from a suite with categories."""
+    report: bool = True
+    """At the end of ``fit``: ``report.json`` (first vs last evaluation), ``curves.png``, ``before.png`` /
+    ``after.png`` (see :mod:`mmalign.trainers.report`)."""
+    report_targets: dict[str, float] = field(default_factory=dict)
+    """Metrics whose gap to a target the report measures, e.g. ``{"eval/shapeeval:strict/mean": 1.0}``
+    (gap closed = (last - first) / (target - first))."""
 
     def __post_init__(self) -> None:
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 or null, got {self.batch_size}")
         if self.every < 0:
             raise ValueError(f"every must be >= 0, got {self.every}")
         if not self.seeds:
@@ -285,6 +299,10 @@ class TrainConfig:
     """Rewards scored on the same samples and logged, never trained on (watch for reward hacking)."""
     max_steps: int = 100
     """Training steps (one step = one rollout batch and its updates, for on-policy trainers)."""
+    max_minutes: float | None = None
+    """Wall-clock budget of the training loop: no new step starts after this many minutes (the final
+    evaluation, checkpoint and report still run); null = none. Runs stopped by it are not step-for-step
+    reproducible on another machine: prefer max_steps, use this as a cap."""
     gradient_accumulation_steps: int = 1
     """Micro-batches whose gradients are summed before one optimizer update."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
@@ -311,6 +329,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.max_steps < 0:
             raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"max_minutes must be > 0 or null, got {self.max_minutes}")
         if self.gradient_accumulation_steps < 1:
             raise ValueError(f"gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}")
         if not self.out:
@@ -523,6 +543,53 @@ def lr_factor(update: int, cfg: OptimConfig, total_updates: int) -> float:
     if cfg.schedule == "linear":
         return 1.0 - (1.0 - cfg.min_lr_ratio) * progress
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def eval_reward_metrics(label: str, out: Any, categories: Sequence[str] | None = None) -> dict[str, Any]:
+    """Evaluation metrics of one reward's :class:`~mmalign.rewards.RewardOutput`: ``eval/<label>/...``
+    stats of the scores, ``eval/<label>:<component>/mean`` per scalar component, the invalid count, and
+    with ``categories`` (one per item, more than one distinct) ``.../cat/<category>`` means. Invalid items
+    (NaN) are left out of means."""
+    m: dict[str, Any] = {}
+    valid = out.valid.bool().cpu()
+    series = {label: out.scores.detach().float().cpu()}
+    for name, comp in (out.components or {}).items():
+        if isinstance(comp, Tensor) and comp.dim() == 1 and comp.numel() == valid.numel():
+            series[f"{label}:{name}"] = comp.detach().float().cpu()
+    for key, vals in series.items():
+        ok = vals[valid]
+        if key == label:
+            m.update(tensor_stats(ok, f"eval/{key}") if ok.numel() else {f"eval/{key}/mean": float("nan")})
+        else:
+            m[f"eval/{key}/mean"] = float(ok.mean()) if ok.numel() else float("nan")
+        if categories is not None and len(set(categories)) > 1:
+            per_cat = []
+            for cat in sorted(set(categories)):
+                rows = torch.tensor([c == cat for c in categories]) & valid
+                if bool(rows.any()):
+                    m[f"eval/{key}/cat/{cat}"] = float(vals[rows].mean())
+                    per_cat.append(m[f"eval/{key}/cat/{cat}"])
+            # GenEval's overall score: the mean over categories (suites are rarely balanced)
+            m[f"eval/{key}/category_mean"] = sum(per_cat) / len(per_cat) if per_cat else float("nan")
+    m[f"eval/{label}/invalid"] = int((~valid).sum())
+    return m
+
+
+def seed_diversity(samples: Tensor, num_prompts: int) -> float:
+    """Sample diversity: the mean root-mean-square pixel difference between samples of the same prompt
+    drawn with different seeds (``samples``: S*P,... in seed-major order). 0 = every seed gives the same
+    sample (collapse)."""
+    s = samples.float().reshape(-1, num_prompts, *samples.shape[1:])
+    n = s.shape[0]
+    if n < 2:
+        raise ValueError("seed_diversity needs samples from at least two seeds")
+    total, pairs = 0.0, 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            d = (s[i] - s[j]).flatten(1).pow(2).mean(1).sqrt()
+            total += float(d.mean())
+            pairs += 1
+    return total / pairs
 
 
 def tensor_stats(x: Tensor, prefix: str) -> dict[str, float]:
@@ -776,6 +843,10 @@ class Trainer:
         self._accum = 0  # micro-batches since the last update
         self.history: list[dict[str, Any]] = []
         self.logger = MetricsLogger(self.out, config.logging, enabled=self.is_main, run_config=to_dict(config), print_fn=self.log)
+        if self.is_main:  # the resolved config beside the run's outputs (``mmalign report`` reads its targets)
+            import yaml
+
+            atomic_write_text(self.out / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
         self.ckpt_dir = self.out / "checkpoints"
         self.setup()
         if config.resume:
@@ -1027,16 +1098,22 @@ class Trainer:
             t0 = time.perf_counter()
             ema = self.ema.swapped_in(self.named_trainable) if self.ema is not None and self.cfg.ema.use_for_eval else nullcontext()
             media = []
+            chunk = self.cfg.eval.batch_size or len(prompts)
             with ema, self.autocast():
                 for seed in self.cfg.eval.seeds:
-                    media.append(sample(self.adapter, prompts, sampler, generator=torch.Generator().manual_seed(seed)).samples.float().cpu())
+                    gen = torch.Generator().manual_seed(seed)
+                    parts = [sample(self.adapter, prompts[i: i + chunk], sampler, generator=gen).samples.float().cpu()
+                             for i in range(0, len(prompts), chunk)]
+                    media.append(torch.cat(parts))
             samples = torch.cat(media)
             all_prompts = prompts * len(self.cfg.eval.seeds)
-            outs = self.rewards.score(samples, all_prompts, categories=cats * len(self.cfg.eval.seeds),
+            all_cats = cats * len(self.cfg.eval.seeds)
+            outs = self.rewards.score(samples, all_prompts, categories=all_cats,
                                       fps=self.adapter.fps, sample_rate=self.adapter.sample_rate)
             for label, o in outs.items():
-                metrics.update(tensor_stats(o.scores, f"eval/{label}"))
-                metrics[f"eval/{label}/invalid"] = int((~o.valid).sum())
+                metrics.update(eval_reward_metrics(label, o, all_cats if self.cfg.eval.by_category else None))
+            if len(self.cfg.eval.seeds) > 1:
+                metrics["eval/diversity/pixel_rms"] = seed_diversity(samples, len(prompts))
             path = self.out / "eval" / f"step_{step:08d}"
             modality = self.adapter.modality
             if modality == "image":
@@ -1202,8 +1279,17 @@ class Trainer:
         if evaluate and cfg.eval.at_start and self.step == 0 and end > 0:
             self.evaluate(0)
         self._bar = tqdm(total=end, initial=self.step, disable=not (progress and self.is_main), desc=cfg.algorithm, dynamic_ncols=True)
+        started = time.perf_counter()
         try:
             while self.step < end:
+                if cfg.max_minutes is not None and self.out_of_time(started):
+                    self.log(f"max_minutes={cfg.max_minutes:g} reached after {self.step} steps: stopping early")
+                    if evaluate and self.step > 0 and self.step % cfg.eval.every != 0:
+                        self.evaluate(self.step)  # the last evaluation is of the final weights
+                    every = cfg.checkpoint.every
+                    if self.step > 0 and cfg.checkpoint.save_final and not (every and self.step % every == 0):
+                        self.save_checkpoint()
+                    break
                 t0 = time.perf_counter()
                 metrics = self.train_step(self.step)
                 self.step += 1
@@ -1223,7 +1309,24 @@ class Trainer:
         finally:
             self._bar.close()
             self._bar = None
+        if evaluate and cfg.eval.report and self.is_main:
+            try:
+                from .report import write_report
+
+                rep = write_report(self.out, targets=cfg.eval.report_targets)
+                self.log(f"report: {self.out / 'report.json'}" + (f", curves: {self.out / rep['curves']}" if rep.get("curves") else ""))
+                for key, row in rep["eval"].items():
+                    if "gap_closed" in row:
+                        self.log(f"  {key}: {row['before']:.4g} -> {row['after']:.4g} (target {row['target']:g}: "
+                                 f"{100 * row['gap_closed']:.1f}% of the gap closed)")
+            except ValueError as err:  # e.g. no evaluation logged yet in this output directory
+                self.log(f"no report: {err}")
         return self.history
+
+    def out_of_time(self, started: float) -> bool:
+        """Whether ``max_minutes`` have passed since ``started`` (the same answer on every process)."""
+        over = torch.tensor([float(time.perf_counter() - started > 60.0 * self.cfg.max_minutes)])
+        return bool(self.gather(over).max() > 0)
 
     def close(self) -> None:
         """Flush and close the loggers (TensorBoard, W&B)."""

@@ -14,6 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 from mmalign.cli import config_kinds, main
+from mmalign.registry import TRAINERS
 from mmalign.config import ConfigError, load_config
 from mmalign.trainers import common, load_train_config
 from mmalign.trainers.common import EMA, OptimConfig, ParamGroupConfig, build_optimizer, lr_factor
@@ -50,14 +51,14 @@ def quiet(cfg, **kwargs):
 
 # ----------------------------------------------------------------------------- configs
 def test_every_shipped_train_config_loads_and_validates():
-    files = sorted((ROOT / "configs").glob("train_*.yaml"))
+    files = sorted((ROOT / "configs").glob("train_*.yaml")) + [ROOT / "configs" / "quickstart.yaml"]
     names = {f.name for f in files}
     assert {"train_grpo_tiny.yaml", "train_grpo_sd35.yaml", "train_grpo_flux.yaml", "train_grpo_wan.yaml",
             "train_grpo_audioldm.yaml", "train_grpo_embedded.yaml"} <= names
     union = config_kinds()["train"]
     for f in files:
         cfg = load_train_config(f)
-        assert cfg.algorithm == "grpo" and cfg.rewards, f.name
+        assert cfg.algorithm in TRAINERS.names(), f.name  # (offline DPO trains on pairs: no reward needed)
         load_config(union, f)  # the class test_core uses for every train_*.yaml
     sd35 = load_train_config(ROOT / "configs/train_grpo_sd35.yaml")
     assert (sd35.model.name, sd35.sampler.noise_level, sd35.sampler.num_steps, sd35.grpo.clip_range, sd35.grpo.beta) == \
@@ -68,6 +69,11 @@ def test_every_shipped_train_config_loads_and_validates():
     emb = load_train_config(ROOT / "configs/train_grpo_embedded.yaml")
     assert emb.model.name == "assets/shapeworld-sd3" and emb.rewards[0].name == "shapeeval" and emb.held_out_rewards
     assert emb.prompts.file == "assets/prompts/shapeworld_train.txt"
+    quick = load_train_config(ROOT / "configs/quickstart.yaml")  # the main job: GRPO on the embedded world
+    assert quick.algorithm == "grpo" and quick.rewards[0].name == "shapeeval" and quick.lora.enabled
+    assert quick.eval.prompts_file == "assets/prompts/shapeworld_heldout.txt" and quick.eval.max_prompts is None
+    assert quick.eval.report_targets == {"eval/shapeeval:strict/mean": 1.0} and len(quick.eval.seeds) >= 2
+    assert quick.max_minutes is not None and quick.max_minutes <= 15
 
 
 @pytest.mark.parametrize("override, message", [

@@ -41,6 +41,11 @@ TRAINERS.register(
     description="reward backpropagation for differentiable rewards: DRaFT-K / DRaFT-LV, AlignProp random "
                 "truncation (last K steps, checkpointed), ControlNet++ single-step",
 )
+TRAINERS.register(
+    "dpo", "mmalign.trainers.dpo:DPOTrainer",
+    description="preference optimisation: offline Diffusion-DPO / Flow-DPO on (prompt, chosen, rejected) pairs, "
+                "online best-vs-worst pairs of the policy's samples with D3PO (per step) or Diffusion-DPO",
+)
 
 
 def load_train_config(path=None, overrides=()):

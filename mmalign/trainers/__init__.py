@@ -46,6 +46,16 @@ TRAINERS.register(
     description="preference optimisation: offline Diffusion-DPO / Flow-DPO on (prompt, chosen, rejected) pairs, "
                 "online best-vs-worst pairs of the policy's samples with D3PO (per step) or Diffusion-DPO",
 )
+TRAINERS.register(
+    "prdp", "mmalign.trainers.prdp:PRDPTrainer",
+    description="PRDP (proximal reward-difference prediction): pairs of one prompt's online SDE samples, "
+                "beta * summed step log-ratio difference regressed onto the reward difference, per-step proximal clip",
+)
+TRAINERS.register(
+    "rwr", "mmalign.trainers.rwr:RWRTrainer",
+    description="reward-weighted regression (LiFT / BATON / RAFT): denoising loss weighted by w(reward) on "
+                "online samples or a scored dataset",
+)
 
 
 def load_train_config(path=None, overrides=()):

@@ -37,7 +37,6 @@ composition (hence no held-out prompt) is ever seen in training.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os

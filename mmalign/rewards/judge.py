@@ -33,7 +33,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
@@ -79,12 +79,14 @@ def _resolve_media(base: Path, value: str, where: str, key: str) -> Path:
     return path
 
 
-def _read_jsonl(path: Path) -> PreferenceSet:
-    pairs = []
+def read_jsonl_objects(path: Path, required: Sequence[str], error: type[Exception] = ValueError) -> Iterator[tuple[str, dict]]:
+    """``("file:LINE", record)`` for every non-empty line of a JSONL file of objects; ``error`` naming the
+    file and line for text that is not UTF-8, a line that is not JSON, not an object, or lacks a key of
+    ``required``."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as err:
-        raise PreferenceDataError(f"{path}: not a UTF-8 text file ({err})") from None
+        raise error(f"{path}: not a UTF-8 text file ({err})") from None
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -92,12 +94,18 @@ def _read_jsonl(path: Path) -> PreferenceSet:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as err:
-            raise PreferenceDataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+            raise error(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
         if not isinstance(rec, dict):
-            raise PreferenceDataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-        missing = [k for k in ("prompt", "chosen", "rejected") if k not in rec]
+            raise error(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        missing = [k for k in required if k not in rec]
         if missing:
-            raise PreferenceDataError(f"{where}: missing key(s) {', '.join(missing)} (need prompt, chosen, rejected)")
+            raise error(f"{where}: missing key(s) {', '.join(missing)} (need {', '.join(required)})")
+        yield where, rec
+
+
+def _read_jsonl(path: Path) -> PreferenceSet:
+    pairs = []
+    for where, rec in read_jsonl_objects(path, ("prompt", "chosen", "rejected"), PreferenceDataError):
         for key in ("prompt", "chosen", "rejected"):
             if not isinstance(rec[key], str):
                 raise PreferenceDataError(f"{where}: {key} must be a string, got {type(rec[key]).__name__}")

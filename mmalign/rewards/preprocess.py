@@ -30,14 +30,24 @@ def _resize(images: Tensor, size: tuple[int, int], interpolation: Interpolation,
     return F.interpolate(images, size=size, mode=interpolation, antialias=aa, **kwargs)
 
 
+def resize_cover_crop(images: Tensor, size: tuple[int, int], interpolation: Interpolation = "bicubic") -> Tensor:
+    """...,H,W -> ...,height,width: scaled (aspect kept) until it covers ``size``, then centre-cropped."""
+    height, width = size
+    h, w = images.shape[-2:]
+    if (h, w) == (height, width):
+        return images
+    scale = max(height / h, width / w)
+    nh, nw = max(height, round(h * scale)), max(width, round(w * scale))
+    batched = images.dim() == 4
+    out = _resize(images if batched else images[None], (nh, nw), interpolation)
+    out = out if batched else out[0]
+    top, left = (nh - height) // 2, (nw - width) // 2
+    return out[..., top : top + height, left : left + width]
+
+
 def resize_shortest_edge_crop(images: Tensor, size: int, interpolation: Interpolation = "bicubic") -> Tensor:
     """B,3,H,W -> B,3,size,size: shortest edge to ``size`` (aspect kept), then a centre crop."""
-    h, w = images.shape[-2:]
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    out = _resize(images, (nh, nw), interpolation)
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return out[..., top : top + size, left : left + size]
+    return resize_cover_crop(images, (size, size), interpolation)
 
 
 def resize_longest_side_pad(images: Tensor, size: int, interpolation: Interpolation = "bicubic", fill: float = 0.0) -> Tensor:

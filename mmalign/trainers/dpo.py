@@ -49,11 +49,11 @@ from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..models.base import Conditioning
-from ..rewards.judge import PreferenceDataError, PreferencePair, load_preferences
+from ..rewards.judge import PreferenceDataError, load_preferences
+from ..rewards.preprocess import resize_cover_crop
 from ..samplers import SamplerConfig, log_prob
 from .common import PromptSource, RewardSet, TrainConfig, Trainer, make_generator, tensor_stats
 from .losses import d3po_loss, denoising_loss, diffusion_dpo_loss, diffusion_target, flow_matching_target
@@ -201,15 +201,7 @@ def load_image(path: str | os.PathLike, where: str = "") -> Tensor:
 def resize_center_crop(images: Tensor, size: tuple[int, int]) -> Tensor:
     """B,3,h,w in [0,1] -> B,3,H,W: scaled (bicubic, antialiased, aspect kept) until it covers (H, W),
     then centre-cropped; clamped to [0, 1]."""
-    height, width = size
-    h, w = images.shape[-2:]
-    if (h, w) == (height, width):
-        return images
-    scale = max(height / h, width / w)
-    nh, nw = max(height, round(h * scale)), max(width, round(w * scale))
-    out = F.interpolate(images, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
-    top, left = (nh - height) // 2, (nw - width) // 2
-    return out[..., top: top + height, left: left + width].clamp(0, 1)
+    return resize_cover_crop(images, size, "bicubic").clamp(0, 1)
 
 
 def pixel_size(adapter: Any) -> tuple[int, int]:

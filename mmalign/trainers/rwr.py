@@ -37,7 +37,6 @@ behaviour where the weights say nothing). The prediction is conditional only (``
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections import defaultdict
@@ -46,9 +45,9 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from ..rewards.preprocess import resize_cover_crop
 from ..samplers import SamplerConfig
 from .advantages import aggregate_rewards, group_advantages
 from .common import PromptSource, TrainConfig, Trainer, make_generator, tensor_stats
@@ -166,25 +165,13 @@ class ScoredRecord:
 def read_scored_dataset(path: str | os.PathLike) -> list[ScoredRecord]:
     """Records of a JSONL scored dataset; ValueError naming the file and line of a bad one (missing key,
     wrong type, missing image file, non-finite reward)."""
-    from ..rewards.judge import _resolve_media
+    from ..rewards.judge import _resolve_media, read_jsonl_objects
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"rwr.dataset: {str(path)!r} does not exist")
     records = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-        if not isinstance(rec, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-        missing = [k for k in ("prompt", "image", "reward") if k not in rec]
-        if missing:
-            raise ValueError(f"{where}: missing key(s) {', '.join(missing)} (need prompt, image, reward)")
+    for where, rec in read_jsonl_objects(path, ("prompt", "image", "reward")):
         if not isinstance(rec["prompt"], str) or not isinstance(rec["image"], str):
             raise ValueError(f"{where}: prompt and image must be strings")
         reward = rec["reward"]
@@ -202,12 +189,7 @@ def read_scored_dataset(path: str | os.PathLike) -> list[ScoredRecord]:
 
 def fit_image(image: Tensor, height: int, width: int) -> Tensor:
     """3,h,w -> 3,height,width: resize the shorter side (bilinear, antialiased), then centre-crop."""
-    _, h, w = image.shape
-    scale = max(height / h, width / w)
-    nh, nw = max(height, round(h * scale)), max(width, round(w * scale))
-    x = F.interpolate(image[None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
-    top, left = (nh - height) // 2, (nw - width) // 2
-    return x[:, top: top + height, left: left + width].clamp(0, 1)
+    return resize_cover_crop(image, (height, width), "bilinear").clamp(0, 1)
 
 
 def training_schedule(adapter, num_points: int):

@@ -1,0 +1,38 @@
+"""The embedded algorithm table: every recipe it runs exists and validates with its overrides; rows are
+read from a run's report."""
+import json
+from pathlib import Path
+
+import pytest
+
+from mmalign.embedded import algorithm_table as at
+from mmalign.trainers import load_train_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("name", list(at.RECIPES))
+def test_every_recipe_validates_with_the_table_overrides(name):
+    cfg = load_train_config(ROOT / at.RECIPES[name], [*at.COMMON, "max_minutes=5"])
+    assert cfg.algorithm == name and cfg.max_minutes == 5.0
+    assert cfg.eval.prompts_file.endswith("shapeworld_heldout.txt") and cfg.eval.max_prompts is None
+    assert cfg.eval.report_targets == {at.STRICT: 1.0} and cfg.model.name == "assets/shapeworld-sd3"
+
+
+def test_table_row_from_a_report(tmp_path):
+    run = tmp_path / "grpo"
+    run.mkdir()
+    ev = {at.STRICT: {"before": 0.1, "after": 0.28, "change": 0.18, "target": 1.0, "gap_closed": 0.2},
+          "eval/shapeeval/mean": {"before": 0.2, "after": 0.3, "change": 0.1},
+          "eval/clipscore/mean": {"before": 60.0, "after": 61.5, "change": 1.5}}
+    (run / "report.json").write_text(json.dumps({"steps": 3, "train_seconds": 90.0, "eval": ev}))
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps({"kind": "train", "step": i, "samples": 64}) for i in (1, 2, 3)))
+    row = at.table_row("grpo", run)
+    assert row.startswith("| grpo | 3 | 192 | 0.100 -> 0.280 | 20.0% | 0.200 -> 0.300 | 60.00 -> 61.50 | n/a | 1.5 |")
+
+
+def test_bad_arguments():
+    with pytest.raises(SystemExit):
+        at.main(["--only", "nope"])
+    with pytest.raises(SystemExit):
+        at.main(["--minutes", "0"])

@@ -27,7 +27,12 @@ class RolloutBenchConfig:
     """``mmalign bench rollout``: recording overhead of mmalign's sampler vs the plain pipeline."""
 
     family: str = "sd3"
-    """Tiny family built in code (sd, sdxl, sd3, flux, ...)."""
+    """Tiny family built in code (sd, sdxl, sd3, flux, ...); ignored when ``model`` is given."""
+    model: str | None = None
+    """A pipeline directory or HF id to benchmark instead (e.g. assets/shapeworld-sd3)."""
+    max_sequence_length: int | None = None
+    """SD3 / FLUX: text tokens of the T5 part (null: the model's own default, e.g. 1 for the shipped
+    ShapeWorld SD3; 256 = the pipeline default)."""
     model_overrides: dict[str, Any] = field(
         default_factory=lambda: {"num_layers": 4, "num_attention_heads": 4, "attention_head_dim": 32,
                                  "caption_projection_dim": 128, "sample_size": 32, "pos_embed_max_size": 32}
@@ -81,20 +86,30 @@ def run_rollout_bench(cfg: RolloutBenchConfig, log: Callable[[str], None] = prin
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    adapter = tiny_adapter(cfg.family, **cfg.model_overrides)
+    if cfg.model:
+        from .loading import load_model
+
+        kwargs = {"max_sequence_length": cfg.max_sequence_length} if cfg.max_sequence_length else None
+        adapter = load_model(cfg.model, adapter_kwargs=kwargs)
+    else:
+        adapter = tiny_adapter(cfg.family, **cfg.model_overrides)
+        if cfg.max_sequence_length:
+            adapter.max_sequence_length = cfg.max_sequence_length
     pipe = adapter.pipeline
+    seq = {"max_sequence_length": adapter.max_sequence_length} if hasattr(adapter, "max_sequence_length") else {}
     pipe.set_progress_bar_config(disable=True)
     params = sum(p.numel() for p in adapter.denoiser.parameters())
     prompts = [f"prompt number {i}: a red circle left of a blue square" for i in range(cfg.batch_size)]
     latents = adapter.init_noise(cfg.batch_size, torch.Generator().manual_seed(0))
-    log(f"rollout bench: {cfg.family} denoiser {params / 1e6:.2f}M params, latents {tuple(latents.shape)}, "
+    log(f"rollout bench: {cfg.model or cfg.family} denoiser {params / 1e6:.2f}M params, latents {tuple(latents.shape)}, "
+        + (f"{seq['max_sequence_length']} T5 tokens, " if seq else "") +
         f"{cfg.num_steps} steps, batch {cfg.batch_size}, guidance {cfg.guidance_scale}, "
         f"{torch.get_num_threads()} threads, {cfg.repeats} repeats")
 
     @torch.no_grad()
     def plain():
         return pipe(prompts, num_inference_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale,
-                    latents=latents.clone(), output_type="pt")
+                    latents=latents.clone(), output_type="pt", **seq)
 
     def ours(**kw):
         return lambda: sample(adapter, prompts, SamplerConfig(num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale, **kw),

@@ -4,7 +4,8 @@
     python -m mmalign.embedded.algorithm_table --minutes 5 --only grpo,rwr --out runs/table
 
 Each recipe (``configs/train_<name>_embedded.yaml``; GRPO uses ``configs/quickstart.yaml``) runs as its own
-``mmalign train`` process with the same overrides: ``max_minutes`` (the budget; no step starts after it),
+``mmalign train`` process with the same overrides: ``max_minutes`` (the budget; no step starts after it), one
+torch thread,
 the whole held-out ShapeWorld suite (116 prompts x seeds 0 and 1, 16 Euler steps) evaluated before the first
 step and after the last, and ShapeEval strict accuracy as the report target. It then prints one markdown
 row per run from its ``report.json``: held-out ShapeEval strict accuracy and clause credit, the tiny CLIP
@@ -32,6 +33,7 @@ RECIPES: dict[str, str] = {
 }
 STRICT = "eval/shapeeval:strict/mean"
 COMMON = [
+    "threads=1",  # every run on one torch thread (recipes differ; the budget must mean the same compute)
     "max_steps=100000",
     "eval.every=100000",
     "eval.prompts_file=assets/prompts/shapeworld_heldout.txt",

@@ -16,7 +16,7 @@ def test_every_recipe_validates_with_the_table_overrides(name):
     cfg = load_train_config(ROOT / at.RECIPES[name], [*at.COMMON, "max_minutes=5"])
     assert cfg.algorithm == name and cfg.max_minutes == 5.0
     assert cfg.eval.prompts_file.endswith("shapeworld_heldout.txt") and cfg.eval.max_prompts is None
-    assert cfg.eval.report_targets == {at.STRICT: 1.0} and cfg.model.name == "assets/shapeworld-sd3"
+    assert cfg.eval.report_targets == {at.STRICT: 1.0} and cfg.model.name == "assets/shapeworld-sd3" and cfg.threads == 1
 
 
 def test_table_row_from_a_report(tmp_path):

@@ -278,3 +278,15 @@ def test_pretrain_cli_errors(tmp_path, capsys):
     assert "--steps must be >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         pretrain.main(["eval-sd3", "--model", str(tmp_path / "nope")])
+
+
+@needs_sd3
+def test_rollout_bench_on_the_shipped_model_uses_its_token_count():
+    from mmalign.bench import RolloutBenchConfig, run_rollout_bench
+
+    lines = []
+    out = run_rollout_bench(RolloutBenchConfig(model=str(SD3_DIR), num_steps=1, batch_size=1, repeats=1), log=lines.append)
+    assert f"{_t5_tokens()} T5 tokens" in lines[0] and out["denoiser_params"] > 1e6
+    lines.clear()
+    run_rollout_bench(RolloutBenchConfig(model=str(SD3_DIR), max_sequence_length=3, num_steps=1, batch_size=1, repeats=1), log=lines.append)
+    assert "3 T5 tokens" in lines[0]

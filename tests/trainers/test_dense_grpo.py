@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from mmalign.testing.training import sign_flipped_reward_shift
 from mmalign.cli import config_kinds
 from mmalign.config import ConfigError, load_config
 from mmalign.rewards import CallableReward
@@ -248,19 +249,12 @@ def test_dense_grpo_raises_the_reward_on_held_out_seeds(tmp_path):
     the baseline's spread; the same run with the reward's sign flipped ends up clearly lower."""
     common = ["optim.lr=0.1", "max_steps=5", "grpo.group_size=8", "sampler.micro_batch=null", "grpo.clip_range=0.2",
               "grpo.beta=0.01", "dense.completion_steps=1", "eval.seeds=[100, 101, 102, 103]", "eval.max_prompts=2"]
-    moved = {}
-    for sign in (1.0, -1.0):
+
+    def make(sign, rewards):
         (tmp_path / str(sign)).mkdir()
-        rewards = f"rewards=[{{name: 'tiny:verifiable', weight: {sign}, metadata: {{target_color: [0, 0, 1]}}}}]"
-        t = trainer(tmp_path / str(sign), *common, rewards)
-        base = t.evaluate(0)
-        before = {n: p.detach().clone() for n, p in t.named_trainable}
-        hist = t.fit()
-        after = t.evaluate(5)["eval/mean_color_match/mean"]
-        assert all(math.isfinite(h["loss"]) and math.isfinite(h["grad_norm"]) for h in hist)
-        assert all(torch.isfinite(p).all() for p in t.trainable_params)
-        assert sum(float((p.detach() - before[n]).abs().sum()) for n, p in t.named_trainable) > 0
-        moved[sign] = (after - base["eval/mean_color_match/mean"]) / base["eval/mean_color_match/std"]
+        return trainer(tmp_path / str(sign), *common, rewards)
+
+    moved = sign_flipped_reward_shift(make, 5)
     assert moved[1.0] > 1.5, moved
     assert moved[1.0] - moved[-1.0] > 3.0, moved
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+from mmalign.testing.training import sign_flipped_reward_shift
 from mmalign.config import ConfigError
 from mmalign.rewards import CallableReward
 from mmalign.samplers import log_prob
@@ -94,30 +95,21 @@ def test_step_by_step_gradient_equals_the_full_graph_gradient(tmp_path):
         torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-7)
 
 
-def _eval_blueness(t, step):
-    return t.evaluate(step)["eval/mean_color_match/mean"]
-
-
 def test_prdp_raises_the_reward_on_held_out_seeds(tmp_path):
     """Four PRDP steps move the mean colour towards blue on held-out seeds (ODE eval) by more than the
     baseline's spread; with the reward's sign flipped it ends clearly lower (no learning, or a sign
     error, fails)."""
     common = ["optim.lr=0.1", "max_steps=4", "prdp.group_size=8", "sampler.micro_batch=8",
               "eval.seeds=[100, 101, 102, 103]", "eval.max_prompts=2"]
-    moved = {}
-    for sign in (1.0, -1.0):
+
+    def make(sign, rewards):
         (tmp_path / str(sign)).mkdir()
-        rewards = f"rewards=[{{name: 'tiny:verifiable', weight: {sign}, metadata: {{target_color: [0, 0, 1]}}}}]"
-        t = trainer(tmp_path / str(sign), *common, rewards)
-        base = t.evaluate(0)
-        before = {n: p.detach().clone() for n, p in t.named_trainable}
-        hist = t.fit()
-        after = _eval_blueness(t, 4)
-        assert all(math.isfinite(h["loss"]) and math.isfinite(h["grad_norm"]) for h in hist)
-        assert all(torch.isfinite(p).all() for p in t.trainable_params)
-        assert sum(float((p.detach() - before[n]).abs().sum()) for n, p in t.named_trainable) > 0
+        return trainer(tmp_path / str(sign), *common, rewards)
+
+    def left_the_reference(t, hist, before):
         assert hist[-1]["kl_ref"] > 0  # the policy left the reference
-        moved[sign] = (after - base["eval/mean_color_match/mean"]) / base["eval/mean_color_match/std"]
+
+    moved = sign_flipped_reward_shift(make, 4, left_the_reference)
     assert moved[1.0] > 1.5, moved  # in units of the baseline's spread over the eval samples
     assert moved[1.0] - moved[-1.0] > 2.0, moved
 

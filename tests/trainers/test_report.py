@@ -12,7 +12,7 @@ from mmalign.rewards.base import RewardOutput
 from mmalign.trainers import load_train_config
 from mmalign.trainers.common import eval_reward_metrics, seed_diversity
 from mmalign.trainers.grpo import GRPOTrainer
-from mmalign.trainers.report import compare_evals, read_metrics, write_report
+from mmalign.trainers.report import compare_evals, read_metrics
 
 TINY = {
     "algorithm": "grpo",

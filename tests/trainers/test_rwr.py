@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from mmalign.testing.training import sign_flipped_reward_shift
 from mmalign.config import ConfigError
 from mmalign.embedded.shapeworld import COLORS, Obj, Scene, render
 from mmalign.media import save_image
@@ -91,21 +92,17 @@ def test_online_rwr_raises_the_reward_on_held_out_seeds(tmp_path):
     ends clearly lower (pure self-distillation drift, or a sign error, fails)."""
     common = ["max_steps=4", "rwr.group_size=8", "rwr.num_inner_epochs=2", "sampler.micro_batch=8",
               "eval.seeds=[100, 101, 102, 103]", "eval.max_prompts=2"]
-    moved = {}
-    for sign in (1.0, -1.0):
+
+    def make(sign, rewards):
         (tmp_path / str(sign)).mkdir()
-        rewards = f"rewards=[{{name: 'tiny:verifiable', weight: {sign}, metadata: {{target_color: [0, 0, 1]}}}}]"
-        t = trainer(tmp_path / str(sign), *common, rewards)
-        base = t.evaluate(0)
-        before = {n: p.detach().clone() for n, p in t.named_trainable}
-        hist = t.fit()
-        after = t.evaluate(4)["eval/mean_color_match/mean"]
-        assert all(math.isfinite(h["loss"]) and math.isfinite(h["grad_norm"]) for h in hist)
-        assert all(torch.isfinite(p).all() for p in t.trainable_params)
+        return trainer(tmp_path / str(sign), *common, rewards)
+
+    def lora_only_and_two_updates(t, hist, before):
         changed = [n for n, p in t.named_trainable if not torch.equal(before[n], p.detach())]
         assert changed and all("lora" in n for n in changed)
         assert hist[0]["updates"] == 2 and 0 < hist[0]["weight/ess_frac"] < 1
-        moved[sign] = (after - base["eval/mean_color_match/mean"]) / base["eval/mean_color_match/std"]
+
+    moved = sign_flipped_reward_shift(make, 4, lora_only_and_two_updates)
     assert moved[1.0] > 1.5, moved
     assert moved[1.0] - moved[-1.0] > 2.0, moved
 

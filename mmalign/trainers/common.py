@@ -309,6 +309,13 @@ class TrainConfig:
     """accelerate mixed precision for rollouts and training (trained weights stay float32)."""
     gradient_checkpointing: bool = False
     """Recompute denoiser activations in the backward pass (less memory, more compute)."""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """How N processes share the work. ``ddp``: every process holds the whole denoiser and the trained
+    gradients are averaged over processes. ``fsdp``: the denoiser is sharded with FSDP2
+    (``torch.distributed.fsdp.fully_shard``, one unit per block of its ``nn.ModuleList``s, then the
+    root): parameters, gradients and optimizer state are split over processes and gathered block by
+    block in each forward, for models too large for one device. Checkpoints hold full (unsharded)
+    tensors either way, so a run resumes on any number of processes. One process: no effect."""
     seed: int = 0
     """Seed of everything: prompts, rollout noise, tiny model weights, LoRA init."""
     threads: int | None = None
@@ -476,9 +483,70 @@ def atomic_write_text(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
+def is_sharded(t: Tensor) -> bool:
+    """Whether ``t`` is a DTensor (an FSDP2-sharded parameter)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def full_tensor(t: Tensor) -> Tensor:
+    """The whole tensor behind a sharded parameter (a collective: every process must call it), or ``t``."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def like_param(full: Tensor, p: Tensor) -> Tensor:
+    """``full`` (a whole tensor, the same on every process) laid out like parameter ``p``: this
+    process's shard as a DTensor when ``p`` is sharded, else ``full`` on ``p``'s device and dtype."""
+    full = full.to(device=p.device if not is_sharded(p) else p.to_local().device, dtype=p.dtype)
+    if is_sharded(p):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(full, p.device_mesh, p.placements)
+    return full
+
+
+def shard_module(module: nn.Module) -> int:
+    """FSDP2-shard ``module`` over the default process group: each element of its outermost
+    ``nn.ModuleList``s (transformer/UNet blocks) becomes one unit, gathered only for its own forward,
+    then the root takes the remaining weights. Returns the number of units. In place: the object
+    stays the one the diffusers pipeline calls."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks: list[nn.Module] = []
+
+    def visit(m: nn.Module) -> None:
+        for child in m.children():
+            if isinstance(child, nn.ModuleList):
+                blocks.extend(b for b in child if any(True for _ in b.parameters()))
+            else:
+                visit(child)
+
+    visit(module)
+    for b in blocks:
+        fully_shard(b)
+    fully_shard(module)
+    return len(blocks) + 1
+
+
 @contextmanager
 def swapped_weights(params: Sequence[nn.Parameter], tensors: Sequence[Tensor]) -> Iterator[None]:
-    """Temporarily point ``params`` at ``tensors`` (no copy when dtypes match); restored on exit."""
+    """Temporarily give ``params`` the values of ``tensors``; restored on exit. Plain parameters are
+    re-pointed (no copy when dtypes match); sharded ones are copied in place, because FSDP gathers
+    from its own shard storage, not from whatever ``.data`` points at."""
+    if any(is_sharded(p) for p in params):
+        with torch.no_grad():
+            saved_values = [p.detach().clone() for p in params]
+            try:
+                for p, t in zip(params, tensors):
+                    p.copy_(t)
+                yield
+            finally:
+                for p, v in zip(params, saved_values):
+                    p.copy_(v)
+        return
     saved = [p.data for p in params]
     try:
         for p, t in zip(params, tensors):
@@ -905,6 +973,11 @@ class Trainer:
         return self.accelerator.num_processes
 
     @property
+    def sharded(self) -> bool:
+        """Whether the denoiser is FSDP-sharded (``parallel: fsdp`` with more than one process)."""
+        return self.cfg.parallel == "fsdp" and self.world_size > 1
+
+    @property
     def rank(self) -> int:
         return self.accelerator.process_index
 
@@ -947,13 +1020,18 @@ class Trainer:
         for _, p in self.named_trainable:  # float32 master weights under mixed precision / half pipelines
             if p.dtype != torch.float32:
                 p.data = p.data.float()
-        if not cfg.lora.enabled:
-            # the reference policy: a frozen copy of the initial weights, swapped in by reference()
-            self._reference_weights = [p.detach().clone() for _, p in self.named_trainable]
         if cfg.gradient_checkpointing:
             if not hasattr(den, "enable_gradient_checkpointing"):
                 raise ValueError(f"{type(den).__name__} does not support gradient checkpointing")
             den.enable_gradient_checkpointing()
+        if self.sharded:
+            units = shard_module(den)
+            self.named_trainable = [(n, p) for n, p in den.named_parameters() if p.requires_grad]
+            self.log(f"FSDP: denoiser sharded over {self.world_size} processes in {units} units")
+        if not cfg.lora.enabled:
+            # the reference policy: a frozen copy of the initial weights (this process's shards under
+            # FSDP), swapped in by reference()
+            self._reference_weights = [p.detach().clone() for _, p in self.named_trainable]
         n = sum(p.numel() for _, p in self.named_trainable)
         self.log(f"training {'LoRA' if cfg.lora.enabled else 'all'} weights: {n:,} parameters in {len(self.named_trainable)} tensors")
 
@@ -983,7 +1061,7 @@ class Trainer:
         self.accelerator.backward(loss * (scale / self.cfg.gradient_accumulation_steps))
 
     def _average_gradients(self) -> None:
-        if self.world_size == 1:
+        if self.world_size == 1 or self.sharded:  # FSDP reduce-scatters averaged gradients itself
             return
         from accelerate.utils import reduce
 
@@ -1088,8 +1166,8 @@ class Trainer:
         """Sample the eval prompts once per seed (main process; others wait), score with every reward,
         save ``<out>/eval/step_XXXXXXXX.png`` (rows = seeds) and log ``eval/<reward>/mean...``."""
         metrics: dict[str, Any] = {}
-        if self.is_main:
-            from ..media import image_grid, save_image, save_media
+        # under FSDP every process runs the same sampling (each forward gathers the shards of all)
+        if self.is_main or self.sharded:
             from ..samplers import sample
 
             items = self.eval_prompts()
@@ -1105,6 +1183,9 @@ class Trainer:
                     parts = [sample(self.adapter, prompts[i: i + chunk], sampler, generator=gen).samples.float().cpu()
                              for i in range(0, len(prompts), chunk)]
                     media.append(torch.cat(parts))
+        if self.is_main:
+            from ..media import image_grid, save_image, save_media
+
             samples = torch.cat(media)
             all_prompts = prompts * len(self.cfg.eval.seeds)
             all_cats = cats * len(self.cfg.eval.seeds)
@@ -1171,20 +1252,26 @@ class Trainer:
         torch.save(self._rng_state(), rng_path)
         _fsync_file(rng_path)
         self.accelerator.wait_for_everyone()
+        # whole tensors (collectives under FSDP: every process takes part, the main one writes)
+        trained = {n: full_tensor(t.detach()).float().contiguous().cpu() for n, t in self.named_trainable}
+        ema_shadow = ({n: full_tensor(t).float().contiguous().cpu() for n, t in self.ema.shadow.items()}
+                      if self.ema is not None else None)
+        optimizer_state = self._optimizer_state()
         if self.is_main:
-            files = {"trained.safetensors": lambda p: save_file({n: t.detach().float().contiguous().cpu() for n, t in self.named_trainable}, str(p)),
-                     "optimizer.pt": lambda p: torch.save(self.optimizer.state_dict(), p),
+            files = {"trained.safetensors": lambda p: save_file(trained, str(p)),
+                     "optimizer.pt": lambda p: torch.save(optimizer_state, p),
                      "scheduler.pt": lambda p: torch.save(self.scheduler.state_dict(), p)}
             extra = self.extra_state()
             if extra:
                 files["extra_state.pt"] = lambda p: torch.save(extra, p)
             if self.ema is not None:
-                files["ema.safetensors"] = lambda p: save_file({n: t.contiguous().cpu() for n, t in self.ema.shadow.items()}, str(p))
+                files["ema.safetensors"] = lambda p: save_file(ema_shadow, str(p))
             for fname, write in files.items():
                 write(tmp / fname)
                 _fsync_file(tmp / fname)
             state = {"format": self.CHECKPOINT_FORMAT, "step": step, "updates": self.updates, "algorithm": self.cfg.algorithm,
-                     "world_size": self.world_size, "lora": self.cfg.lora.enabled,
+                     "world_size": self.world_size, "parallel": self.cfg.parallel if self.sharded else "ddp",
+                     "lora": self.cfg.lora.enabled,
                      "trained_tensors": len(self.named_trainable), "config": to_dict(self.cfg)}
             (tmp / "trainer_state.json").write_text(json.dumps(_jsonable(state), indent=2))  # written last: the completeness mark
             _fsync_file(tmp / "trainer_state.json")
@@ -1200,6 +1287,33 @@ class Trainer:
             self._prune_checkpoints(keep=final)
         self.accelerator.wait_for_everyone()
         return final
+
+    def _raw_optimizer(self) -> torch.optim.Optimizer:
+        return self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        """The optimizer's state dict; under FSDP the full (unsharded) one, keyed by parameter name."""
+        if not self.sharded:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.adapter.denoiser, self._raw_optimizer(),
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def _load_optimizer_state(self, state: dict[str, Any], path: Path) -> None:
+        groups = state.get("param_groups") or [{}]
+        by_name = any(isinstance(i, str) for g in groups for i in g.get("params", []))  # FSDP's full state: names
+        if by_name != self.sharded:
+            saved, now = ("FSDP", "DDP (or one process)") if by_name else ("DDP (or one process)", "FSDP")
+            raise ValueError(f"checkpoint {path} holds a {saved} optimizer state but this run uses {now}: "
+                             f"resume with the same parallel setting (parallel: {'fsdp' if by_name else 'ddp'})")
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.adapter.denoiser, self._raw_optimizer(), optim_state_dict=state,
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.optimizer.load_state_dict(state)
 
     def _prune_checkpoints(self, keep: Path) -> None:
         n = self.cfg.checkpoint.keep_last
@@ -1247,11 +1361,12 @@ class Trainer:
             raise ValueError(f"checkpoint {path} does not match the trained parameters (missing {missing[:3]}, unexpected {extra[:3]})")
         with torch.no_grad():
             for n, p in self.named_trainable:
-                p.copy_(weights[n].to(p.device, p.dtype))
+                p.copy_(like_param(weights[n], p))
         if self.ema is not None and (path / "ema.safetensors").is_file():
             shadow = load_file(str(path / "ema.safetensors"))
-            self.ema.shadow = {n: shadow[n].to(p.device) for n, p in self.named_trainable}
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.accelerator.device, weights_only=True))
+            self.ema.shadow = {n: like_param(shadow[n], p).float() for n, p in self.named_trainable}
+        self._load_optimizer_state(torch.load(path / "optimizer.pt", map_location="cpu" if self.sharded else self.accelerator.device,
+                                              weights_only=True), path)
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         rng = path / f"rng_state_{self.rank}.pt"
         if not rng.is_file():

@@ -66,6 +66,7 @@ def test_every_shipped_train_config_loads_and_validates():
     assert sd35.mixed_precision == "bf16" and sd35.lora.enabled and [r.name for r in sd35.held_out_rewards] == ["clipscore"]
     flux = load_train_config(ROOT / "configs/train_grpo_flux.yaml")
     assert (flux.sampler.method, flux.sampler.noise_level, flux.grpo.beta, flux.sampler.same_noise_in_group) == ("dance", 0.3, 0.0, True)
+    assert flux.parallel == "fsdp" and load_train_config(ROOT / "configs/train_grpo_wan.yaml").parallel == "fsdp"
     emb = load_train_config(ROOT / "configs/train_grpo_embedded.yaml")
     assert emb.model.name == "assets/shapeworld-sd3" and emb.rewards[0].name == "shapeeval" and emb.held_out_rewards
     assert emb.prompts.file == "assets/prompts/shapeworld_train.txt"
@@ -266,3 +267,76 @@ def test_two_processes_make_the_same_update_as_one(tmp_path):
     assert max(float(w2[n].abs().max()) for n in w2 if "lora_B" in n) > 1e-4  # B starts at 0: the step moved it
     assert m["reward/mean_color_match/mean"] == pytest.approx(lines[-1]["reward/mean_color_match/mean"], abs=1e-7)
     assert m["grad_norm"] > 0 and math.isfinite(m["grad_norm"])
+
+
+def _launch_two(cfg_file, *overrides, timeout=240):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "mmalign", "train", "--config", str(cfg_file), *overrides]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_fsdp_on_two_processes_makes_the_same_updates_and_resumes_exactly(tmp_path):
+    """parallel: fsdp shards the denoiser over 2 processes (gloo on CPU): the step equals one process's,
+    the full-tensor checkpoint resumes on 2 processes to the same second step as an uninterrupted run,
+    and the evaluation (which every process runs under FSDP) does not hang."""
+    base = dict(TINY, sampler=dict(TINY["sampler"], num_steps=2), grpo=dict(TINY["grpo"], num_minibatches=1),
+                parallel="fsdp", max_steps=2, checkpoint={"every": 1, "keep_last": 0},
+                eval={"every": 2, "prompts": ["a red circle"], "seeds": [0], "num_steps": 2, "at_start": False})
+    f = tmp_path / "cfg.yaml"
+    f.write_text(yaml.safe_dump(base))
+    run = tmp_path / "fsdp"
+    proc = _launch_two(f, f"out={run}")
+    assert "FSDP: denoiser sharded over 2 processes" in proc.stdout + proc.stderr
+    state = json.loads((run / "checkpoints/step_00000001/trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["parallel"] == "fsdp"
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [l for l in lines if "loss" in l]
+    assert [l["world_size"] for l in train] == [2, 2]
+    assert any("eval/mean_color_match/mean" in l for l in lines)  # the eval ran (all processes sampled)
+    assert (run / "eval/step_00000002.png").is_file()
+
+    # step 1 equals one process's step 1 (same rollouts, full-group advantages, averaged gradients)
+    single = quiet(load_train_config(f, [f"out={tmp_path / 'one'}", "parallel=ddp", "max_steps=1", "eval.every=0"]))
+    single.fit()
+    w1 = load_file(str(run / "checkpoints/step_00000001/trained.safetensors"))
+    assert set(w1) == {n for n, _ in single.named_trainable}  # full tensors under the plain names
+    for n, p in single.named_trainable:
+        assert torch.allclose(p.detach(), w1[n], atol=1e-6, rtol=0), n
+    assert max(float(w1[n].abs().max()) for n in w1 if "lora_B" in n) > 1e-4
+
+    # resume from step 1 on 2 processes: step 2 is the uninterrupted run's step 2
+    resumed = tmp_path / "resumed"
+    _launch_two(f, f"out={resumed}", f"resume={run / 'checkpoints/step_00000001'}", "eval.every=0")
+    again = [json.loads(l) for l in (resumed / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert len(again) == 1 and again[0]["step"] == 2
+    assert again[0]["loss"] == pytest.approx(train[1]["loss"], rel=1e-6, abs=1e-9)
+    w2, w2r = (load_file(str(d / "checkpoints/step_00000002/trained.safetensors")) for d in (run, resumed))
+    for n in w2:
+        assert torch.allclose(w2[n], w2r[n], atol=1e-7, rtol=0), n
+
+    # a DDP run cannot silently load the FSDP optimizer state
+    with pytest.raises(ValueError, match="FSDP optimizer state"):
+        quiet(load_train_config(f, [f"out={tmp_path / 'ddp'}", "parallel=ddp", f"resume={run / 'checkpoints/step_00000001'}"]))
+
+
+def test_fsdp_full_finetuning_with_a_reference_matches_one_process(tmp_path):
+    """Full finetuning under FSDP: the frozen reference (KL term) is this process's shards, swapped in
+    place; the sharded step equals one process's step."""
+    base = dict(TINY, sampler=dict(TINY["sampler"], num_steps=2), grpo=dict(TINY["grpo"], num_minibatches=1),
+                lora={"enabled": False}, optim={"lr": 0.001}, parallel="fsdp")
+    f = tmp_path / "cfg.yaml"
+    f.write_text(yaml.safe_dump(base))
+    _launch_two(f, f"out={tmp_path / 'fsdp'}")
+    line = [json.loads(l) for l in (tmp_path / "fsdp/metrics.jsonl").read_text().splitlines() if '"loss"' in l][-1]
+    single = quiet(load_train_config(f, [f"out={tmp_path / 'one'}", "parallel=ddp"]))
+    m = single.fit()[0]
+    assert line["kl"] == m["kl"] == 0.0 and line["world_size"] == 2
+    w = load_file(str(tmp_path / "fsdp/checkpoints/step_00000001/trained.safetensors"))
+    assert len(w) == len(list(single.adapter.denoiser.parameters()))
+    for n, p in single.named_trainable:
+        assert torch.allclose(p.detach(), w[n], atol=1e-6, rtol=0), n
+    with single.reference():  # and the reference is still the initial weights after the swap-back
+        assert any(not torch.allclose(p.detach(), w[n]) for n, p in single.named_trainable)

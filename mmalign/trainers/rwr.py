@@ -287,13 +287,16 @@ class RWRTrainer(Trainer):
             w[rows] = rwr_weights(rewards[rows], kind=r.weighting, tau=r.temperature, max_weight=r.max_weight, top_k=k)
         return w
 
-    def renoise(self, x0: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    def renoise(self, x0: Tensor, generators: Sequence[torch.Generator]) -> tuple[Tensor, Tensor, Tensor]:
         """Noisy inputs, timesteps and regression targets for clean latents x0 (B,*L): a uniform point of
-        the adapter's ``num_train_timesteps``-step schedule per row, and standard-normal noise."""
+        the adapter's ``num_train_timesteps``-step schedule per row, and standard-normal noise, each row
+        drawn from its own generator (keyed by its global row: the same draws on any number of processes)."""
         sched = self.noise_schedule
         b = x0.shape[0]
-        k = torch.randint(0, sched.num_steps, (b,), generator=generator)
-        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device)
+        if len(generators) != b:
+            raise ValueError(f"renoise: {len(generators)} generators for {b} rows")
+        k = torch.cat([torch.randint(0, sched.num_steps, (1,), generator=g) for g in generators])
+        noise = torch.stack([torch.randn(x0.shape[1:], generator=g, dtype=torch.float32) for g in generators]).to(x0.device)
         view = (b,) + (1,) * (x0.ndim - 1)
         t = sched.timesteps[k.to(sched.timesteps.device)].to(x0.device)
         if sched.kind == "flow":
@@ -306,19 +309,21 @@ class RWRTrainer(Trainer):
             target = diffusion_target(x0, noise, a, sched.prediction_type)
         return x_t, t, target
 
-    def regress(self, x0: Tensor, cond, weights: Tensor, generator: torch.Generator) -> dict[str, float]:
+    def regress(self, x0: Tensor, cond, weights: Tensor, generators: Sequence[torch.Generator]) -> dict[str, float]:
         """Backward the weighted denoising loss (and prior term) of one minibatch, ``timesteps_per_sample``
-        noise draws; returns its statistics. Rows of weight 0 are skipped when there is no prior term."""
+        noise draws from each row's generator; returns its statistics. Rows of weight 0 are skipped when
+        there is no prior term."""
         r, adapter = self.cfg.rwr, self.adapter
         n = x0.shape[0]
         if r.prior_weight == 0:
             keep = (weights > 0).nonzero().flatten()
             if 0 < keep.numel() < n:  # (all zero: kept as they are, a zero loss with the usual statistics)
                 x0, cond, weights = x0[keep.to(x0.device)], cond.select(keep), weights[keep]
+                generators = [generators[i] for i in keep.tolist()]
         stats: dict[str, list[float]] = defaultdict(list)
         micro = self.cfg.sampler.micro_batch
         for _ in range(r.timesteps_per_sample):
-            x_t, t, target = self.renoise(x0, generator)
+            x_t, t, target = self.renoise(x0, generators)
             with self.autocast():
                 out = adapter.denoise_in_chunks(x_t, t, cond, micro)
             per_sample = denoising_loss(out, target)
@@ -409,10 +414,11 @@ class RWRTrainer(Trainer):
         for epoch in range(r.num_inner_epochs):
             order = (torch.randperm(b, generator=make_generator(cfg.seed, "shuffle", step, epoch, self.rank))
                      if r.shuffle else torch.arange(b))
+            # one generator per row, keyed by its global index: the same noise on any number of processes
+            gens = [make_generator(cfg.seed, "renoise", step, epoch, self.rank * b + i) for i in range(b)]
             for m in range(r.num_minibatches):
                 rows = order[m * mb: (m + 1) * mb]
-                gen = make_generator(cfg.seed, "renoise", step, epoch, m, self.rank)
-                stats = self.regress(x0[rows.to(x0.device)], cond.select(rows), weights[rows], gen)
+                stats = self.regress(x0[rows.to(x0.device)], cond.select(rows), weights[rows], [gens[i] for i in rows.tolist()])
                 for key, v in stats.items():
                     sums[key].append(v)
                 self._accum += 1

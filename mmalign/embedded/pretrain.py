@@ -303,7 +303,8 @@ def set_zero_token_processors(transformer, multiplicity: int):
 
 
 # ---------------------------------------------------------------------------------------------- SD3 training
-def train_vae(vae, images_u8: Tensor, *, steps: int, batch_size: int, lr: float, kl_weight: float, seed: int, log, max_seconds: float | None = None) -> dict[str, float]:
+def train_vae(vae, images_u8: Tensor, *, steps: int, batch_size: int, lr: float, kl_weight: float, seed: int, log, max_seconds: float | None = None,
+              stop_at_step: int | None = None) -> dict[str, float]:
     """Train the AutoencoderKL on uint8 images (reconstruction L1 + MSE in [-1,1], + kl_weight * KL)."""
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
@@ -333,6 +334,9 @@ def train_vae(vae, images_u8: Tensor, *, steps: int, batch_size: int, lr: float,
         done = step + 1
         if step % 100 == 0 or step == steps - 1:
             log(f"vae step {step:5d}/{steps} rec {run_rec:.4f} kl/elem {run_kl:.3f} ({time.time() - t0:.0f}s)")
+        if stop_at_step is not None and done >= stop_at_step:
+            log(f"vae: stopping after {done} steps (--vae-stop-at-step)")
+            break
         if max_seconds is not None and time.time() - t0 > max_seconds:
             log(f"vae: time limit reached after {done} steps")
             break
@@ -537,11 +541,15 @@ def _dir_size(path: Path) -> int:
 def _replay_lines(meta: dict[str, Any]) -> list[str]:
     if not meta.get("replay_command"):
         return []
-    tr = meta.get("training", {})
+    tr, args = meta.get("training", {}), meta.get("args", {})
+    cut = []
+    if tr.get("vae_steps") is not None and args.get("vae_steps") and tr["vae_steps"] < args["vae_steps"] and not meta.get("init_from"):
+        cut.append(f"the VAE after {tr['vae_steps']} of {args['vae_steps']} steps")
+    if tr.get("steps_done") is not None and args.get("steps") and tr["steps_done"] < args["steps"]:
+        cut.append(f"training after {tr['steps_done']} of {args['steps']} steps")
     return [
-        f"The run hit its wall-time limit after {tr.get('steps_done')} of {meta.get('args', {}).get('steps')} steps "
-        "(the machine was shared with other jobs). This replays it step for step (same schedule, same stopping "
-        "point, bit-identical on the same CPU and thread count):",
+        f"A wall-time limit stopped {' and '.join(cut) or 'the run early'}. This replays the run step for step "
+        "(same schedules, same stopping points, no time limits; bit-identical on the same CPU and thread count):",
         "",
         "```",
         meta["replay_command"],
@@ -672,10 +680,19 @@ def _resolved_args(args) -> dict[str, Any]:
 def _replay_command(args, training: dict[str, Any]) -> str | None:
     """When a run was cut by its time limit: the command that replays it exactly (same schedule, same
     stopping step, no time limits); None when it ran all its steps."""
-    if training.get("steps_done") is None or training["steps_done"] >= args.steps or args.stop_at_step is not None:
+    cut = training.get("steps_done") is not None and training["steps_done"] < args.steps and args.stop_at_step is None
+    vae_done = training.get("vae_steps")
+    vae_cut = (args.command == "sd3" and not args.init_from and vae_done is not None and vae_done < args.vae_steps
+               and args.vae_stop_at_step is None)  # (a continued run keeps its source's VAE)
+    if not (cut or vae_cut):
         return None
-    extra = [f"--stop-at-step {training['steps_done']}", "--max-minutes 100000"]
+    extra = []
+    if cut:
+        extra.append(f"--stop-at-step {training['steps_done']}")
+    extra.append("--max-minutes 100000")
     if args.command == "sd3":
+        if vae_cut:
+            extra.append(f"--vae-stop-at-step {vae_done}")
         extra.append("--vae-max-minutes 100000")
     argv = [a for a in args.argv]
     return _command(args) + " " + " ".join(extra) if argv else None
@@ -731,7 +748,8 @@ def run_sd3(args) -> dict[str, Any]:
     vae = pipe.vae
     if init_meta is None:
         stats = train_vae(vae, images, steps=args.vae_steps, batch_size=args.vae_batch_size, lr=args.vae_lr,
-                          kl_weight=args.kl_weight, seed=args.seed + 1, log=log, max_seconds=args.vae_max_minutes * 60)
+                          kl_weight=args.kl_weight, seed=args.seed + 1, log=log, max_seconds=args.vae_max_minutes * 60,
+                          stop_at_step=args.vae_stop_at_step)
     else:
         stats = {k: init_meta["training"][k] for k in ("vae_steps", "vae_rec_loss", "vae_kl_per_elem", "vae_seconds")
                  if k in init_meta.get("training", {})}
@@ -1301,6 +1319,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vae-lr", type=float, default=2e-3)
     s.add_argument("--kl-weight", type=float, default=1e-4, help="weight of the per-element KL")
     s.add_argument("--vae-max-minutes", type=float, default=5.0)
+    s.add_argument("--vae-stop-at-step", type=int, default=None,
+                   help="stop the VAE after this many steps (schedule still spans --vae-steps): replays a time-capped run")
     s.add_argument("--steps", type=int, default=5500, help="transformer steps")
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--lr", type=float, default=4e-4)

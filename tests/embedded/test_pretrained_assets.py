@@ -248,12 +248,13 @@ def test_pretrain_script_runs_end_to_end(tmp_path, capsys):
 
     sd3_out, clip_out = tmp_path / "sd3", tmp_path / "clip"
     ev = ["--eval-prompts", "2", "--eval-samples", "1", "--eval-steps", "2"] if _shapeeval_available() else ["--eval-prompts", "0"]
-    rc = pretrain.main(["sd3", "--out", str(sd3_out), "--num-train", "64", "--vae-steps", "2", "--vae-batch-size", "4", "--steps", "3",
-                        "--batch-size", "4", "--layers", "1", "--heads", "2", "--threads", "1", *ev])
+    rc = pretrain.main(["sd3", "--out", str(sd3_out), "--num-train", "64", "--vae-steps", "3", "--vae-stop-at-step", "2",
+                        "--vae-batch-size", "4", "--steps", "3", "--batch-size", "4", "--layers", "1", "--heads", "2", "--threads", "1", *ev])
     assert rc == 0
     assert (sd3_out / "model_index.json").is_file() and (sd3_out / "MODEL_CARD.md").is_file()
     meta = json.loads((sd3_out / "metrics.json").read_text())
     assert meta["training"]["steps_done"] == 3 and meta["seed"] == 0
+    assert meta["training"]["vae_steps"] == 2 and meta["replay_command"] is None  # asked-for stops need no replay
     assert "--steps 3" in (sd3_out / "MODEL_CARD.md").read_text()
     pipe = pretrain.load_sd3_dir(sd3_out)
     assert pipe(prompt="a circle", num_inference_steps=2, output_type="pt").images.shape == (1, 3, 32, 32)
@@ -266,6 +267,24 @@ def test_pretrain_script_runs_end_to_end(tmp_path, capsys):
     assert "steps_done" in json.loads((clip_out / "metrics.json").read_text())["training"]
     out = capsys.readouterr().out
     assert "sd3 step" in out and "clip step" in out
+
+
+def test_replay_command_names_every_part_a_time_limit_cut():
+    """A run cut by --vae-max-minutes (or --max-minutes) records the command that replays it exactly."""
+    from argparse import Namespace
+
+    from mmalign.embedded import pretrain
+
+    args = Namespace(command="sd3", argv=["sd3", "--out", "m", "--max-minutes", "50"], steps=5500, stop_at_step=None,
+                     vae_steps=1500, vae_stop_at_step=None, init_from=None)
+    assert pretrain._replay_command(args, {"steps_done": 5500, "vae_steps": 1500}) is None
+    cmd = pretrain._replay_command(args, {"steps_done": 5500, "vae_steps": 1203})
+    assert "--vae-stop-at-step 1203" in cmd and "--stop-at-step" not in cmd.replace("--vae-stop-at-step", "")
+    assert "--vae-max-minutes 100000" in cmd
+    cmd = pretrain._replay_command(args, {"steps_done": 4000, "vae_steps": 1203})
+    assert "--stop-at-step 4000" in cmd and "--vae-stop-at-step 1203" in cmd
+    args.init_from = "old"  # a continued run keeps its source's VAE: nothing to replay there
+    assert pretrain._replay_command(args, {"steps_done": 5500, "vae_steps": 1203}) is None
 
 
 def test_pretrain_cli_errors(tmp_path, capsys):

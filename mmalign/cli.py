@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 from . import __version__
 
@@ -282,11 +282,63 @@ def cmd_list(args) -> int:
     return 0
 
 
-def _not_yet(name: str, what: str) -> Callable[[argparse.Namespace], int]:
-    def run(args) -> int:
-        raise CLIError(f"'mmalign {name}' ({what}) is not available in mmalign {__version__} yet")
+def apps_package(repo_apps: str | os.PathLike | None = None):
+    """The apps package, found the same way from an installed wheel and from a clone.
 
-    return run
+    An installation maps the repository's top-level ``apps/`` folder to ``mmalign.apps``; when that is not
+    importable (a clone used through ``PYTHONPATH`` or an editable install made before the mapping), the
+    ``apps/`` folder next to the ``mmalign`` package (or ``repo_apps``) is loaded under that same name.
+    """
+    import importlib
+    import importlib.util
+
+    if repo_apps is None and "mmalign.apps" in sys.modules:
+        return sys.modules["mmalign.apps"]
+    if repo_apps is None:
+        try:
+            if importlib.util.find_spec("mmalign.apps") is not None:
+                return importlib.import_module("mmalign.apps")
+        except ImportError:
+            pass
+    folder = Path(repo_apps) if repo_apps is not None else Path(__file__).resolve().parent.parent / "apps"
+    init = folder / "__init__.py"
+    if not init.is_file():
+        raise CLIError(f"the mmalign apps are not installed: no mmalign.apps package and no {folder}/__init__.py "
+                       "(reinstall mmalign, or run from a clone of the repository)")
+    spec = importlib.util.spec_from_file_location("mmalign.apps", init, submodule_search_locations=[str(folder)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["mmalign.apps"] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["mmalign.apps"]
+        raise
+    return module
+
+
+def cmd_app(args) -> int:
+    apps = apps_package()
+    if args.list:
+        width = max(len(n) for n in apps.APPS)
+        for name, (_, what) in apps.APPS.items():
+            print(f"  {name:{width}s}  {what}")
+        print(f"(apps package: {Path(apps.__file__).parent})")
+        return 0
+    if not args.name:
+        raise CLIError(f"name an app: {', '.join(apps.APPS)} (mmalign app --list describes them)")
+    if args.name not in apps.APPS:
+        raise CLIError(f"unknown app {args.name!r} (apps: {', '.join(apps.APPS)})")
+    if args.port is not None and not 0 < args.port < 65536:
+        raise CLIError(f"--port must be in 1..65535, got {args.port}")
+    options = {"model": args.model, "rewards": args.reward or None}
+    settings = apps.AppSettings(device=args.device or apps.AppSettings.auto_device(), dtype=args.dtype or "float32",
+                                **{k: v for k, v in options.items() if v})
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"mmalign: warning: listening on {args.host}: anyone who can reach this machine can use the app "
+              "(and its models and files)", file=sys.stderr)
+    demo = apps.build_app(args.name, settings=settings)
+    apps.launch(demo, host=args.host, port=args.port, share=args.share, block=True)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -347,10 +399,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure the gap closed towards VALUE, e.g. eval/shapeeval:strict/mean=1 (repeatable)")
     p.set_defaults(func=cmd_report)
 
-    for name, what in [("app", "Gradio inspection apps")]:
-        p = sub.add_parser(name, help=f"{what} (coming in a later release)")
-        _config_args(p)
-        p.set_defaults(func=_not_yet(name, what))
+    p = sub.add_parser("app", help="start a Gradio app (compare, trajectory, rewards, runs) on 127.0.0.1; --list lists them")
+    p.add_argument("name", nargs="?", help="the app: compare | trajectory | rewards | runs")
+    p.add_argument("--list", action="store_true", help="list the apps and where they were found, then exit")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to listen on (default 127.0.0.1, this machine only; 0.0.0.0 exposes the app to the network)")
+    p.add_argument("--port", type=int, help="port (default: Gradio's, 7860 or the next free one)")
+    p.add_argument("--share", action="store_true", help="also open a public Gradio share link (only when asked)")
+    p.add_argument("--device", help="torch device of models and rewards (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="model weights dtype (default float32)")
+    p.add_argument("--model", help="default model of the app's model fields (default assets/shapeworld-sd3)")
+    p.add_argument("--reward", action="append", default=[], metavar="SPEC",
+                   help="reward ticked at start, 'name key=value ...' (repeatable; default shapeeval and the tiny CLIP)")
+    p.set_defaults(func=cmd_app)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""Writing canonical media to disk: image grids (PNG), videos (animated GIF + frame-strip PNG), audio (WAV).
+"""Writing canonical media to disk: image grids (PNG), videos (animated GIF, H.264 MP4 via PyAV), audio (WAV).
 
 No torchaudio: WAV is written with the standard library (16-bit PCM).
 """
@@ -62,6 +62,58 @@ def save_video_gif(video: Tensor, path: str | os.PathLike, fps: float = 8.0, ups
     return path
 
 
+def save_video_mp4(video: Tensor, path: str | os.PathLike, fps: float = 8.0, upscale: int = 1, crf: int = 18) -> Path:
+    """T,3,H,W in [0,1] -> H.264 MP4 (yuv420p, playable everywhere) with PyAV (``pip install av``).
+
+    Frames are upscaled by an integer factor (nearest) and padded by one black row / column when a
+    side is odd (yuv420p needs even sides)."""
+    try:
+        import av
+    except ImportError as err:  # pragma: no cover - av is a declared dependency
+        raise ImportError("writing MP4 needs PyAV: pip install av") from err
+    from fractions import Fraction
+
+    if video.ndim != 4 or video.shape[1] != 3:
+        raise ValueError(f"expected a video T,3,H,W, got {tuple(video.shape)}")
+    if fps <= 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    frames = _to_uint8(video)
+    if upscale > 1:
+        frames = frames.repeat(upscale, axis=1).repeat(upscale, axis=2)
+    h, w = frames.shape[1:3]
+    frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(int(crf))}
+        for arr in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def read_video(path: str | os.PathLike) -> Tensor:
+    """A GIF or MP4 / other container (PyAV) -> T,3,H,W float32 in [0,1]."""
+    path = Path(path)
+    if path.suffix.lower() == ".gif":
+        return _read_gif_frames(path)
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            frames = [torch.from_numpy(f.to_ndarray(format="rgb24").copy()) for f in container.decode(video=0)]
+    except av.FFmpegError as err:
+        raise ValueError(f"{path}: unreadable video ({err})") from None
+    if not frames:
+        raise ValueError(f"{path}: no video frames")
+    return torch.stack(frames).permute(0, 3, 1, 2).float() / 255.0
+
+
 def save_wav(audio: Tensor, path: str | os.PathLike, sample_rate: int) -> Path:
     """C,N in [-1,1] -> 16-bit PCM WAV."""
     if audio.ndim != 2:
@@ -100,8 +152,9 @@ def save_media(samples: Tensor, modality: str, out_dir: str | os.PathLike, *, pr
     for i, s in enumerate(samples):
         if modality == "image":
             paths.append(save_image(s, out_dir / f"{prefix}_{i:03d}.png", upscale))
-        elif modality == "video":
+        elif modality == "video":  # a GIF (returned) and an MP4 beside it
             paths.append(save_video_gif(s, out_dir / f"{prefix}_{i:03d}.gif", fps or 8.0, upscale))
+            save_video_mp4(s, out_dir / f"{prefix}_{i:03d}.mp4", fps or 8.0, upscale)
         elif modality == "audio":
             if sample_rate is None:
                 raise ValueError("saving audio needs its sample_rate")
@@ -235,7 +288,7 @@ def _load_item(item, modality: str, sample_rate: int | None) -> Tensor:
                 im.load()
                 return _pil_to_tensor(im)
         if modality == "video":
-            return _read_gif_frames(path)
+            return read_video(path)
         wav, sr = read_wav(path)
         if sample_rate is not None and sr != sample_rate:
             from .rewards.preprocess import resample_audio

@@ -31,6 +31,8 @@ _REWARDS = {
     "jpeg_compressibility": ("mmalign.rewards.rules:load_jpeg_compressibility", "negated JPEG size in kB (compressibility, DDPO)"),
     "verifiable": ("mmalign.rewards.rules:load_verifiable", "a verifiable rule: a function of the sample and metadata"),
     "shapeeval": ("mmalign.embedded.shapeeval:load_shapeeval", "ShapeEval: rule-based verifier of ShapeWorld prompts (per-clause credit; strict in components)"),
+    "toneeval": ("mmalign.embedded.toneeval:load_toneeval", "ToneEval: rule-based verifier of ToneWorld audio captions (onsets, pitch, duration, timbre; per-clause credit)"),
+    "motioneval": ("mmalign.embedded.motioneval:load_motioneval", "MotionEval: rule-based verifier of MovingShapes video prompts (tracks objects; per-clause credit)"),
     "weighted_sum": ("mmalign.rewards.combine:load_weighted_sum", "weighted sum of rewards, each normalised"),
     "ensemble": ("mmalign.rewards.combine:load_ensemble", "ensemble: mean, worst-case (min) or mean - lambda * variance"),
 }

@@ -65,6 +65,8 @@ _TINY_REWARDS = {
     "jpeg_compressibility": "mmalign.testing.media_rewards:tiny_jpeg_compressibility",
     "verifiable": "mmalign.testing.media_rewards:tiny_verifiable",
     "shapeeval": "mmalign.embedded.shapeeval:tiny_shapeeval",
+    "motioneval": "mmalign.embedded.motioneval:tiny_motioneval",
+    "toneeval": "mmalign.embedded.toneeval:tiny_toneeval",
     "weighted_sum": "mmalign.testing.combine:tiny_weighted_sum",
     "ensemble": "mmalign.testing.combine:tiny_ensemble",
 }

@@ -11,6 +11,10 @@ from mmalign.testing import tiny_reward, tiny_reward_names
 NAMES = mmalign.list_rewards()
 # in the ShapeEval grammar too, so the verifier scores them (not marks them invalid)
 PROMPTS = ["a red circle", "two blue squares", "a green triangle", "a yellow square left of a red circle"]
+# audio rewards get ToneWorld captions, which the ToneEval verifier parses
+AUDIO_PROMPTS = ["a high beep", "two low tones", "a short beep then a long beep", "a low buzz then a high beep"]
+# video rewards get MovingShapes captions, which the MotionEval verifier parses
+VIDEO_PROMPTS = ["a red circle moving left", "a blue square bouncing", "a green triangle appearing", "a red square turning blue"]
 
 
 def test_every_registered_reward_has_a_tiny_builder():
@@ -33,7 +37,8 @@ def make_inputs(reward: Reward, batch: int, seed: int = 0):
         kwargs["references"] = samples.flip(0).clone()
     if "metadata" in reward.needs:
         kwargs["metadata"] = [{"index": i} for i in range(batch)]
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+    pool = AUDIO_PROMPTS if reward.modality == "audio" else VIDEO_PROMPTS if reward.modality == "video" else PROMPTS
+    prompts = [pool[i % len(pool)] for i in range(batch)]
     return samples, prompts, kwargs
 
 

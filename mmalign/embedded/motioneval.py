@@ -50,7 +50,7 @@ from torch import Tensor
 
 from ..rewards.base import Reward, RewardOutput, ScoreBatch
 from .movingshapes import DIRECTIONS, Actor, Script
-from .shapeeval import Detection, Thresholds as ShapeThresholds, detect_objects
+from .shapeeval import Detection, Thresholds as ShapeThresholds, detect_objects, mark_unparseable_prompts
 from .shapeworld import COLORS, SHAPES
 
 __all__ = [
@@ -494,15 +494,8 @@ class MotionEvalReward(Reward):
 
     def forward(self, samples: Any, prompts: Any = None, **kwargs: Any) -> RewardOutput:
         out = super().forward(samples, prompts, **kwargs)
-        if self.on_unparseable == "invalid" and prompts is not None:
-            texts = [prompts] * len(out) if isinstance(prompts, str) else list(prompts)
-            for i, text in enumerate(texts):
-                if out.reasons[i] is None or out.reasons[i].endswith("non-finite score"):
-                    err = self.parse_error(text) if text.strip() else None
-                    if err:
-                        out.reasons[i] = err
-                        out.valid[i] = False
-                        out.scores[i] = math.nan
+        if self.on_unparseable == "invalid":
+            mark_unparseable_prompts(out, prompts, self.parse_error)
         return out
 
 

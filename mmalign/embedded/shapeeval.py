@@ -24,7 +24,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import lru_cache
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -452,6 +452,22 @@ def evaluate(image: Any, prompt: str | Requirements, thresholds: Thresholds | Ma
 
 
 # ---------------------------------------------------------------------------------------------- reward
+def mark_unparseable_prompts(out: RewardOutput, prompts: Any, parse_error: Callable[[str], str | None]) -> None:
+    """Make the items of ``out`` whose prompt a verifier cannot parse invalid, with the parse error as
+    their reason (instead of a score computed against nothing). Items already invalid for another reason
+    keep it. Shared by the embedded verifiers (ShapeEval, MotionEval, ToneEval)."""
+    if prompts is None:
+        return
+    texts = [prompts] * len(out) if isinstance(prompts, str) else list(prompts)
+    for i, text in enumerate(texts):
+        if out.reasons[i] is None or out.reasons[i].endswith("non-finite score"):
+            err = parse_error(text) if text.strip() else None
+            if err:
+                out.reasons[i] = err
+                out.valid[i] = False
+                out.scores[i] = math.nan
+
+
 class ShapeEvalReward(Reward):
     """ShapeEval as a reward: score = fraction of the prompt's clauses that the image satisfies.
 
@@ -509,15 +525,8 @@ class ShapeEvalReward(Reward):
 
     def forward(self, samples: Any, prompts: Any = None, **kwargs: Any) -> RewardOutput:
         out = super().forward(samples, prompts, **kwargs)
-        if self.on_unparseable == "invalid" and prompts is not None:
-            texts = [prompts] * len(out) if isinstance(prompts, str) else list(prompts)
-            for i, text in enumerate(texts):
-                if out.reasons[i] is None or out.reasons[i].endswith("non-finite score"):
-                    err = self.parse_error(text) if text.strip() else None
-                    if err:
-                        out.reasons[i] = err
-                        out.valid[i] = False
-                        out.scores[i] = math.nan
+        if self.on_unparseable == "invalid":
+            mark_unparseable_prompts(out, prompts, self.parse_error)
         return out
 
 

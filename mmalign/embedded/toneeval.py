@@ -46,6 +46,7 @@ from torch import Tensor
 
 from ..rewards.base import Reward, RewardOutput, ScoreBatch
 from ..rewards.preprocess import resample_audio
+from .shapeeval import mark_unparseable_prompts
 from .toneworld import (
     DURATION_BOUND,
     DURATION_WORDS,
@@ -485,15 +486,8 @@ class ToneEvalReward(Reward):
             if samples.shape[-1] == 0:
                 raise ValueError(f"toneeval: zero-length audio (shape {tuple(samples.shape)})")
         out = super().forward(samples, prompts, sample_rate=sample_rate, **kwargs)
-        if self.on_unparseable == "invalid" and prompts is not None:
-            texts = [prompts] * len(out) if isinstance(prompts, str) else list(prompts)
-            for i, text in enumerate(texts):
-                if out.reasons[i] is None or out.reasons[i].endswith("non-finite score"):
-                    err = self.parse_error(text) if text.strip() else None
-                    if err:
-                        out.reasons[i] = err
-                        out.valid[i] = False
-                        out.scores[i] = math.nan
+        if self.on_unparseable == "invalid":
+            mark_unparseable_prompts(out, prompts, self.parse_error)
         return out
 
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import Any, Mapping, Sequence
 
@@ -48,9 +48,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..rewards.base import Reward, RewardOutput, ScoreBatch
+from ..rewards.base import ScoreBatch
 from .movingshapes import DIRECTIONS, Actor, Script
-from .shapeeval import Detection, Thresholds as ShapeThresholds, detect_objects, mark_unparseable_prompts
+from .shapeeval import Detection, Thresholds as ShapeThresholds, VerifierReward, detect_objects, thresholds_from_options
 from .shapeworld import COLORS, SHAPES
 
 __all__ = [
@@ -90,15 +90,9 @@ class MotionThresholds:
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | "MotionThresholds" | None) -> "MotionThresholds":
-        if options is None:
-            return cls()
         if isinstance(options, MotionThresholds):
             return options
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(f"unknown MotionEval thresholds {unknown}; known: {sorted(known)}")
-        return replace(cls(), **dict(options))
+        return thresholds_from_options(cls, options, "MotionEval")
 
 
 # ---------------------------------------------------------------------------------------------- parsing
@@ -430,7 +424,7 @@ def evaluate(video: Any, prompt: str | Script, thresholds: MotionThresholds | Ma
 
 
 # ---------------------------------------------------------------------------------------------- reward
-class MotionEvalReward(Reward):
+class MotionEvalReward(VerifierReward):
     """MotionEval as a reward: score = fraction of the prompt's clauses the clip satisfies.
 
     Input: video ``B, T, 3, H, W`` float in [0, 1] (or uint8), every frame checked. Components:
@@ -441,18 +435,12 @@ class MotionEvalReward(Reward):
 
     name = "motioneval"
     modality = "video"
-    needs = frozenset({"prompt"})
-    differentiable = False
-    higher_is_better = True
-    score_range = (0.0, 1.0)
 
     def __init__(self, *, batch_size: int = 32, thresholds: MotionThresholds | Mapping[str, Any] | None = None,
                  shape_thresholds: ShapeThresholds | Mapping[str, Any] | None = None, on_unparseable: str = "invalid") -> None:
-        if on_unparseable not in ("zero", "invalid", "raise"):
-            raise ValueError(f"on_unparseable must be 'zero', 'invalid' or 'raise', got {on_unparseable!r}")
         self.thresholds = MotionThresholds.from_options(thresholds)
         self.shape_thresholds = ShapeThresholds.from_options(shape_thresholds)
-        self.on_unparseable = on_unparseable
+        self.on_unparseable = self.check_on_unparseable(on_unparseable)
         super().__init__(
             batch_size=batch_size,
             weights_id=None,
@@ -460,13 +448,7 @@ class MotionEvalReward(Reward):
                            "shape_thresholds": asdict(self.shape_thresholds), "on_unparseable": on_unparseable},
         )
 
-    @staticmethod
-    def parse_error(prompt: str) -> str | None:
-        try:
-            parse_prompt(prompt)
-        except ValueError as err:
-            return str(err)
-        return None
+    parse = staticmethod(parse_prompt)
 
     def score(self, samples: Tensor, prompts, references, metadata, **media_info) -> ScoreBatch:
         if samples.ndim != 5 or samples.shape[2] != 3:
@@ -491,12 +473,6 @@ class MotionEvalReward(Reward):
                 rows[k].append(v)
         as_t = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
         return ScoreBatch(as_t(rows["score"]), {k: as_t(v) for k, v in rows.items() if k != "score"})
-
-    def forward(self, samples: Any, prompts: Any = None, **kwargs: Any) -> RewardOutput:
-        out = super().forward(samples, prompts, **kwargs)
-        if self.on_unparseable == "invalid":
-            mark_unparseable_prompts(out, prompts, self.parse_error)
-        return out
 
 
 def load_motioneval(**options: Any) -> MotionEvalReward:

@@ -24,7 +24,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import lru_cache
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 import numpy as np
 import torch
@@ -50,6 +50,22 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------------- thresholds
+T = TypeVar("T")
+
+
+def thresholds_from_options(cls: type[T], options: Mapping[str, Any] | None, verifier: str) -> T:
+    """A verifier's thresholds dataclass ``cls`` from a mapping of overrides (None: the defaults);
+    an unknown key raises, naming the verifier and the known keys. Shared by ShapeEval, MotionEval
+    and ToneEval."""
+    if options is None:
+        return cls()
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown {verifier} thresholds {unknown}; known: {sorted(known)}")
+    return replace(cls(), **dict(options))
+
+
 @dataclass(frozen=True)
 class Thresholds:
     """Detector settings (colour distances are in RGB units of [0, 1])."""
@@ -70,15 +86,9 @@ class Thresholds:
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | "Thresholds" | None) -> "Thresholds":
-        if options is None:
-            return cls()
         if isinstance(options, Thresholds):
             return options
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(f"unknown ShapeEval thresholds {unknown}; known: {sorted(known)}")
-        th = replace(cls(), **dict(options))
+        th = thresholds_from_options(cls, options, "ShapeEval")
         if th.connectivity not in (4, 8):
             raise ValueError(f"connectivity must be 4 or 8, got {th.connectivity}")
         return th
@@ -468,7 +478,45 @@ def mark_unparseable_prompts(out: RewardOutput, prompts: Any, parse_error: Calla
                 out.scores[i] = math.nan
 
 
-class ShapeEvalReward(Reward):
+class VerifierReward(Reward):
+    """Base of the embedded worlds' rule-based verifiers as rewards (ShapeEval, MotionEval, ToneEval):
+    ``parse`` reads a caption (ValueError outside the grammar) and ``on_unparseable`` says what a
+    caption outside the grammar gets: "invalid" marks the item invalid with the parse error as its
+    reason (never a silent 0), "zero" scores it 0 (an explicit opt-in, for mixed suites), "raise"
+    raises."""
+
+    differentiable = False
+    higher_is_better = True
+    score_range = (0.0, 1.0)
+    needs = frozenset({"prompt"})
+
+    @staticmethod
+    def parse(prompt: str) -> Any:
+        raise NotImplementedError
+
+    @staticmethod
+    def check_on_unparseable(value: str) -> str:
+        if value not in ("zero", "invalid", "raise"):
+            raise ValueError(f"on_unparseable must be 'zero', 'invalid' or 'raise', got {value!r}")
+        return value
+
+    @classmethod
+    def parse_error(cls, prompt: str) -> str | None:
+        """The parse error of ``prompt`` (None when the verifier understands it)."""
+        try:
+            cls.parse(prompt)
+        except ValueError as err:
+            return str(err)
+        return None
+
+    def forward(self, samples: Any, prompts: Any = None, **kwargs: Any) -> RewardOutput:
+        out = super().forward(samples, prompts, **kwargs)
+        if self.on_unparseable == "invalid":
+            mark_unparseable_prompts(out, prompts, self.parse_error)
+        return out
+
+
+class ShapeEvalReward(VerifierReward):
     """ShapeEval as a reward: score = fraction of the prompt's clauses that the image satisfies.
 
     Components: ``strict`` (1.0 when every clause passes) and ``num_clauses``. Prompts outside the
@@ -478,29 +526,17 @@ class ShapeEvalReward(Reward):
 
     name = "shapeeval"
     modality = "image"
-    needs = frozenset({"prompt"})
-    differentiable = False
-    higher_is_better = True
-    score_range = (0.0, 1.0)
 
     def __init__(self, *, batch_size: int = 64, thresholds: Thresholds | Mapping[str, Any] | None = None, on_unparseable: str = "invalid") -> None:
-        if on_unparseable not in ("zero", "invalid", "raise"):
-            raise ValueError(f"on_unparseable must be 'zero', 'invalid' or 'raise', got {on_unparseable!r}")
         self.thresholds = Thresholds.from_options(thresholds)
-        self.on_unparseable = on_unparseable
+        self.on_unparseable = self.check_on_unparseable(on_unparseable)
         super().__init__(
             batch_size=batch_size,
             weights_id=None,
             preprocessing={"input": "float B,3,H,W in [0,1] (any H, W; one size per batch)", "background": BACKGROUND, "thresholds": asdict(self.thresholds), "on_unparseable": on_unparseable},
         )
 
-    @staticmethod
-    def parse_error(prompt: str) -> str | None:
-        try:
-            parse_prompt(prompt)
-        except ValueError as err:
-            return str(err)
-        return None
+    parse = staticmethod(parse_prompt)
 
     def score(self, samples: Tensor, prompts, references, metadata, **media_info) -> ScoreBatch:
         images = samples.detach().float().cpu().numpy()
@@ -522,12 +558,6 @@ class ShapeEvalReward(Reward):
             nclauses.append(float(len(res.clauses)))
         as_t = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
         return ScoreBatch(as_t(scores), {"strict": as_t(strict), "num_clauses": as_t(nclauses)})
-
-    def forward(self, samples: Any, prompts: Any = None, **kwargs: Any) -> RewardOutput:
-        out = super().forward(samples, prompts, **kwargs)
-        if self.on_unparseable == "invalid":
-            mark_unparseable_prompts(out, prompts, self.parse_error)
-        return out
 
 
 def load_shapeeval(**options: Any) -> ShapeEvalReward:

@@ -37,16 +37,16 @@ from __future__ import annotations
 import argparse
 import math
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..rewards.base import Reward, RewardOutput, ScoreBatch
+from ..rewards.base import RewardOutput, ScoreBatch
 from ..rewards.preprocess import resample_audio
-from .shapeeval import mark_unparseable_prompts
+from .shapeeval import VerifierReward, thresholds_from_options
 from .toneworld import (
     DURATION_BOUND,
     DURATION_WORDS,
@@ -96,15 +96,9 @@ class Thresholds:
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | "Thresholds" | None) -> "Thresholds":
-        if options is None:
-            return cls()
         if isinstance(options, Thresholds):
             return options
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(f"unknown ToneEval thresholds {unknown}; known: {sorted(known)}")
-        return cls(**dict(options))
+        return thresholds_from_options(cls, options, "ToneEval")
 
 
 # ---------------------------------------------------------------------------------------------- parsing
@@ -419,7 +413,7 @@ def evaluate(audio: Tensor | np.ndarray, prompt: str | Requirements, sample_rate
 
 
 # ---------------------------------------------------------------------------------------------- reward
-class ToneEvalReward(Reward):
+class ToneEvalReward(VerifierReward):
     """ToneEval as a reward: score = fraction of the caption's clauses the clip satisfies.
 
     Input: audio ``B,C,N`` (or ``B,N``) in [-1, 1] with ``sample_rate=`` (any rate; resampled to 8 kHz),
@@ -429,16 +423,10 @@ class ToneEvalReward(Reward):
 
     name = "toneeval"
     modality = "audio"
-    needs = frozenset({"prompt"})
-    differentiable = False
-    higher_is_better = True
-    score_range = (0.0, 1.0)
 
     def __init__(self, *, batch_size: int = 64, thresholds: Thresholds | Mapping[str, Any] | None = None, on_unparseable: str = "invalid") -> None:
-        if on_unparseable not in ("zero", "invalid", "raise"):
-            raise ValueError(f"on_unparseable must be 'zero', 'invalid' or 'raise', got {on_unparseable!r}")
         self.thresholds = Thresholds.from_options(thresholds)
-        self.on_unparseable = on_unparseable
+        self.on_unparseable = self.check_on_unparseable(on_unparseable)
         super().__init__(
             batch_size=batch_size,
             weights_id=None,
@@ -447,13 +435,7 @@ class ToneEvalReward(Reward):
                            "thresholds": asdict(self.thresholds), "on_unparseable": on_unparseable},
         )
 
-    @staticmethod
-    def parse_error(prompt: str) -> str | None:
-        try:
-            parse_prompt(prompt)
-        except ValueError as err:
-            return str(err)
-        return None
+    parse = staticmethod(parse_prompt)
 
     def score(self, samples: Tensor, prompts, references, metadata, **media_info) -> ScoreBatch:
         rate = media_info.get("sample_rate")
@@ -485,10 +467,7 @@ class ToneEvalReward(Reward):
                 raise ValueError(f"toneeval: audio must be a tensor B,C,N (or B,N), got shape {tuple(samples.shape)}")
             if samples.shape[-1] == 0:
                 raise ValueError(f"toneeval: zero-length audio (shape {tuple(samples.shape)})")
-        out = super().forward(samples, prompts, sample_rate=sample_rate, **kwargs)
-        if self.on_unparseable == "invalid":
-            mark_unparseable_prompts(out, prompts, self.parse_error)
-        return out
+        return super().forward(samples, prompts, sample_rate=sample_rate, **kwargs)
 
 
 def load_toneeval(**options: Any) -> ToneEvalReward:

@@ -62,6 +62,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .shapeworld import assets_dir  # one $MMALIGN_ASSETS rule for every embedded world
+
 # ---------------------------------------------------------------------------------------------- world
 SAMPLE_RATE: int = 8000
 CLIP_SECONDS: float = 1.0
@@ -406,12 +408,6 @@ def build_prompt_suites() -> dict[str, list[tuple[str, str]]]:
                 continue
             suites["heldout" if is_heldout(req) else "train"].append((cat, req.prompt()))
     return suites
-
-
-def assets_dir() -> Path:
-    """The assets folder: ``$MMALIGN_ASSETS`` if set, else ``assets/`` at the repository root."""
-    env = os.environ.get("MMALIGN_ASSETS")
-    return Path(env).expanduser() if env else Path(__file__).resolve().parents[2] / "assets"
 
 
 def prompt_suite_path(split: str) -> Path:

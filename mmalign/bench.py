@@ -50,10 +50,15 @@ class RolloutBenchConfig:
     """torch intra-op threads (None: torch's default)."""
     json_out: str | None = None
     """Also write the numbers to this JSON file."""
+    partial_chain_start: int | None = None
+    """Also time an InstructVideo partial chain (the SDE rollout started at this step from source media:
+    VAE-encode the media, noise them to the step, sample the remaining steps) against the whole SDE chain."""
 
     def __post_init__(self) -> None:
         if self.repeats < 1 or self.num_steps < 1 or self.batch_size < 1:
             raise ValueError("repeats, num_steps and batch_size must be >= 1")
+        if self.partial_chain_start is not None and not 0 < self.partial_chain_start < self.num_steps:
+            raise ValueError(f"partial_chain_start must be in [1, num_steps={self.num_steps}), got {self.partial_chain_start}")
 
 
 def _median_seconds(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float]]:
@@ -115,13 +120,25 @@ def run_rollout_bench(cfg: RolloutBenchConfig, log: Callable[[str], None] = prin
         return lambda: sample(adapter, prompts, SamplerConfig(num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale, **kw),
                               latents=latents.clone(), generator=torch.Generator().manual_seed(1))
 
+    sde = "flow_grpo" if adapter.schedule(1).kind == "flow" else "ddim"
     variants = {
         "pipeline(...) plain": plain,
         "mmalign ode, recorded (micro_batch=None)": ours(method="ode", micro_batch=None),
-        "mmalign flow_grpo sde + log-probs (micro_batch=None)": ours(method="flow_grpo", micro_batch=None)
-        if adapter.schedule(1).kind == "flow" else ours(method="ddim", micro_batch=None),
+        f"mmalign {sde} sde + log-probs (micro_batch=None)": ours(method=sde, micro_batch=None),
         "mmalign ode, batch-invariant (micro_batch=1)": ours(method="ode", micro_batch=1),
     }
+    if cfg.partial_chain_start:
+        with torch.no_grad():
+            media = adapter.decode(latents)  # stand-in source media of the model's size (cost does not depend on content)
+
+        def partial():
+            with torch.no_grad():
+                clean = adapter.encode_media(media)
+            return sample(adapter, prompts, SamplerConfig(num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale,
+                                                          method=sde, micro_batch=None, start_step=cfg.partial_chain_start),
+                          latents=latents.clone(), clean_latents=clean, generator=torch.Generator().manual_seed(1))
+
+        variants[f"mmalign {sde} partial chain from step {cfg.partial_chain_start} (+ VAE encode)"] = partial
     results = {}
     base = None
     for name, fn in variants.items():
@@ -132,6 +149,12 @@ def run_rollout_bench(cfg: RolloutBenchConfig, log: Callable[[str], None] = prin
     overhead = results["mmalign ode, recorded (micro_batch=None)"]["ratio_vs_pipeline"] - 1
     log(f"recording overhead (same batching as the pipeline): {overhead * 100:+.1f}%")
     summary = {"config": cfg.__dict__, "denoiser_params": params, "results": results, "recording_overhead": overhead}
+    if cfg.partial_chain_start:
+        whole = results[f"mmalign {sde} sde + log-probs (micro_batch=None)"]["median_s"]
+        part = results[f"mmalign {sde} partial chain from step {cfg.partial_chain_start} (+ VAE encode)"]["median_s"]
+        summary["partial_chain_time_fraction"] = part / whole
+        log(f"partial chain ({cfg.num_steps - cfg.partial_chain_start} of {cfg.num_steps} steps, VAE encode included): "
+            f"{part / whole * 100:.1f}% of the whole SDE chain's time (saves {(1 - part / whole) * 100:.1f}%)")
     if cfg.json_out:
         with open(cfg.json_out, "w") as f:
             json.dump(summary, f, indent=2)

@@ -49,8 +49,14 @@ def save_image(image: Tensor, path: str | os.PathLike, upscale: int = 1) -> Path
     return path
 
 
+_GIF_FRAME_TAG = "mmalign frame_ms="
+
+
 def save_video_gif(video: Tensor, path: str | os.PathLike, fps: float = 8.0, upscale: int = 1) -> Path:
-    """T,3,H,W in [0,1] -> animated GIF."""
+    """T,3,H,W in [0,1] -> animated GIF.
+
+    GIF writers merge identical consecutive frames into one longer frame (a still clip becomes one
+    frame); the file's comment records the frame duration so :func:`read_video` restores all T frames."""
     from PIL import Image
 
     frames = [Image.fromarray(a) for a in _to_uint8(video)]
@@ -58,7 +64,8 @@ def save_video_gif(video: Tensor, path: str | os.PathLike, fps: float = 8.0, ups
         frames = [f.resize((f.width * upscale, f.height * upscale), Image.NEAREST) for f in frames]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=int(1000 / max(fps, 1e-3)), loop=0)
+    ms = max(1, int(1000 / max(fps, 1e-3)))
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=ms, loop=0, comment=f"{_GIF_FRAME_TAG}{ms}")
     return path
 
 
@@ -184,10 +191,19 @@ def _array_to_image(a: np.ndarray) -> Tensor:
 
 
 def _read_gif_frames(path: Path) -> Tensor:
+    """Frames of a GIF; one written by :func:`save_video_gif` gets its merged identical frames back (each
+    frame repeated duration / frame duration times)."""
     from PIL import Image, ImageSequence
 
     with Image.open(path) as im:
-        return torch.stack([_pil_to_tensor(f) for f in ImageSequence.Iterator(im)])
+        comment = im.info.get("comment", b"")
+        comment = comment.decode("utf-8", "replace") if isinstance(comment, bytes) else str(comment)
+        frame_ms = int(comment[len(_GIF_FRAME_TAG):]) if comment.startswith(_GIF_FRAME_TAG) and comment[len(_GIF_FRAME_TAG):].isdigit() else None
+        frames = []
+        for f in ImageSequence.Iterator(im):
+            repeat = max(1, round(f.info.get("duration", frame_ms) / frame_ms)) if frame_ms else 1
+            frames += [_pil_to_tensor(f)] * repeat
+        return torch.stack(frames)
 
 
 def _image_problem(t: Tensor) -> str | None:

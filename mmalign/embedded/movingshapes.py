@@ -397,6 +397,49 @@ def write_prompt_suites(directory: str | os.PathLike | None = None, seed: int = 
     return paths
 
 
+def write_media_dataset(out: str | os.PathLike, n: int, seed: int = 0, fmt: str = "gif") -> Path:
+    """Render ``n`` training-split clips (no held-out composition) of the stream ``seed`` to ``out`` as
+    GIF (or MP4) files with ``dataset.jsonl`` lines ``{"prompt", "video", "category"}``: the source
+    media of partial-chain GRPO (``grpo.partial_chain_dataset``) or any video dataset reader. Returns
+    the JSONL path."""
+    import json
+
+    from ..media import save_video_gif, save_video_mp4
+
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if fmt not in ("gif", "mp4"):
+        raise ValueError(f"fmt must be 'gif' or 'mp4', got {fmt!r}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    videos, captions, categories = generate(n, seed, exclude_heldout=True)
+    save = save_video_gif if fmt == "gif" else save_video_mp4
+    lines = []
+    for i, (video, caption, category) in enumerate(zip(videos, captions, categories)):
+        name = f"clip_{i:05d}.{fmt}"
+        save(video, out / name, fps=8.0)
+        lines.append(json.dumps({"prompt": caption, "video": name, "category": category}))
+    path = out / "dataset.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description="MovingShapes data: write a media dataset of rendered training clips")
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("dataset", help="render clips + dataset.jsonl (prompt, video, category)")
+    d.add_argument("--out", required=True)
+    d.add_argument("--n", type=int, default=256)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--format", choices=["gif", "mp4"], default="gif")
+    args = p.parse_args(argv)
+    path = write_media_dataset(args.out, args.n, args.seed, args.format)
+    print(f"wrote {args.n} clips and {path}")
+    return 0
+
+
 __all__ = [
     "ACTIONS",
     "CATEGORIES",
@@ -420,5 +463,10 @@ __all__ = [
     "render_clip",
     "sample_clip",
     "to_tensor",
+    "write_media_dataset",
     "write_prompt_suites",
 ]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

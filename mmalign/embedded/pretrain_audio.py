@@ -223,8 +223,20 @@ def clap_audio(model, feats: Tensor) -> Tensor:
     return F.normalize(model.audio_projection(pooled), dim=-1)
 
 
+def _stop(step: int, t0: float, max_seconds: float, stop_at_step: int | None, name: str, log) -> bool:
+    """Whether a training loop stops before ``step``: at ``stop_at_step`` (a replay of a time-capped run:
+    the schedule still spans the full step count) or past ``max_seconds`` of wall time."""
+    if stop_at_step is not None and step >= stop_at_step:
+        log(f"{name}: stopping at step {step} (stop-at-step)")
+        return True
+    if time.time() - t0 > max_seconds:
+        log(f"{name}: time cap reached after {step} steps")
+        return True
+    return False
+
+
 def train_clap(model, tokenizer, audio: Tensor, caps: list[str], specs: list[Any], *, steps: int, batch_size: int, lr: float, seed: int,
-               log, max_seconds: float) -> dict[str, Any]:
+               log, max_seconds: float, stop_at_step: int | None = None) -> dict[str, Any]:
     """Symmetric InfoNCE with one hard-negative caption per clip (extra text columns)."""
     mel = _clap_log_mel()
     gen = torch.Generator().manual_seed(seed)
@@ -233,8 +245,7 @@ def train_clap(model, tokenizer, audio: Tensor, caps: list[str], specs: list[Any
     model.train()
     t0, step, losses = time.time(), 0, []
     for step in range(steps):
-        if time.time() - t0 > max_seconds:
-            log(f"clap: time cap reached after {step} steps")
+        if _stop(step, t0, max_seconds, stop_at_step, "clap", log):
             break
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, steps, lr, warmup=min(100, steps // 10))
@@ -274,7 +285,8 @@ def train_clap(model, tokenizer, audio: Tensor, caps: list[str], specs: list[Any
         if step % 100 == 0 or step == steps - 1:
             log(f"clap step {step}/{steps} loss {np.mean(losses[-100:]):.3f} ({time.time() - t0:.0f} s)")
     model.eval()
-    return {"steps_done": step + 1 if losses else 0, "seconds": time.time() - t0, "final_loss": float(np.mean(losses[-100:])) if losses else None}
+    return {"steps_done": len(losses),  # one loss per completed step (a capped loop breaks before its step)
+            "seconds": time.time() - t0, "final_loss": float(np.mean(losses[-100:])) if losses else None}
 
 
 @torch.no_grad()
@@ -333,7 +345,7 @@ def run_clap(args) -> dict[str, Any]:
     model = build_clap(args.seed, tok)
     log(f"tiny CLAP: {_params(model) / 1e6:.2f} M parameters")
     training = train_clap(model, tok, audio, caps, specs, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed + 1,
-                          log=log, max_seconds=args.max_minutes * 60)
+                          log=log, max_seconds=args.max_minutes * 60, stop_at_step=args.stop_at_step)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))
     clap_processor(tok).save_pretrained(str(out))
@@ -429,7 +441,7 @@ def text_encoder_from_clap(clap_dir: str | None, seed: int, tokenizer):
 
 
 def train_vocoder(vocoder, mels: Tensor, audio: Tensor, *, steps: int, batch_size: int, lr: float, crop: int, seed: int, log,
-                  max_seconds: float) -> dict[str, Any]:
+                  max_seconds: float, stop_at_step: int | None = None) -> dict[str, Any]:
     """Regression training of the vocoder on random crops of ``crop`` frames (see the module docstring)."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -443,8 +455,7 @@ def train_vocoder(vocoder, mels: Tensor, audio: Tensor, *, steps: int, batch_siz
     vocoder.train()
     t0, losses, step = time.time(), [], 0
     for step in range(steps):
-        if time.time() - t0 > max_seconds:
-            log(f"vocoder: time cap reached after {step} steps")
+        if _stop(step, t0, max_seconds, stop_at_step, "vocoder", log):
             break
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, steps, lr, warmup=50)
@@ -462,18 +473,19 @@ def train_vocoder(vocoder, mels: Tensor, audio: Tensor, *, steps: int, batch_siz
         if step % 100 == 0 or step == steps - 1:
             log(f"vocoder step {step}/{steps} loss {np.mean(losses[-100:]):.4f} ({time.time() - t0:.0f} s)")
     vocoder.eval()
-    return {"steps_done": step + 1 if losses else 0, "seconds": time.time() - t0, "final_loss": float(np.mean(losses[-100:])) if losses else None}
+    return {"steps_done": len(losses),  # one loss per completed step (a capped loop breaks before its step)
+            "seconds": time.time() - t0, "final_loss": float(np.mean(losses[-100:])) if losses else None}
 
 
-def train_vae(vae, mels: Tensor, *, steps: int, batch_size: int, lr: float, kl_weight: float, seed: int, log, max_seconds: float) -> dict[str, Any]:
+def train_vae(vae, mels: Tensor, *, steps: int, batch_size: int, lr: float, kl_weight: float, seed: int, log, max_seconds: float,
+              stop_at_step: int | None = None) -> dict[str, Any]:
     """L1 reconstruction + ``kl_weight`` x per-element KL on ``B,1,100,32`` log-mels."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     vae.train()
     t0, losses, step = time.time(), [], 0
     for step in range(steps):
-        if time.time() - t0 > max_seconds:
-            log(f"vae: time cap reached after {step} steps")
+        if _stop(step, t0, max_seconds, stop_at_step, "vae", log):
             break
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, steps, lr, warmup=50)
@@ -490,7 +502,8 @@ def train_vae(vae, mels: Tensor, *, steps: int, batch_size: int, lr: float, kl_w
         if step % 100 == 0 or step == steps - 1:
             log(f"vae step {step}/{steps} loss {np.mean(losses[-100:]):.4f} ({time.time() - t0:.0f} s)")
     vae.eval()
-    return {"steps_done": step + 1 if losses else 0, "seconds": time.time() - t0, "final_loss": float(np.mean(losses[-100:])) if losses else None}
+    return {"steps_done": len(losses),  # one loss per completed step (a capped loop breaks before its step)
+            "seconds": time.time() - t0, "final_loss": float(np.mean(losses[-100:])) if losses else None}
 
 
 @torch.no_grad()
@@ -500,7 +513,7 @@ def encode_prompts(pipe, prompts: Sequence[str]) -> Tensor:
 
 
 def train_unet(pipe, latents_mean: Tensor, latents_std: Tensor, caps: list[str], *, steps: int, batch_size: int, lr: float, ema_decay: float,
-               cfg_dropout: float, seed: int, log, max_seconds: float) -> dict[str, Any]:
+               cfg_dropout: float, seed: int, log, max_seconds: float, stop_at_step: int | None = None) -> dict[str, Any]:
     """DDPM epsilon loss on VAE posterior samples (times ``scaling_factor``), CLAP-text class conditioning."""
     unet, sched = pipe.unet, pipe.scheduler
     gen = torch.Generator().manual_seed(seed)
@@ -515,8 +528,7 @@ def train_unet(pipe, latents_mean: Tensor, latents_std: Tensor, caps: list[str],
     unet.train()
     t0, losses, step = time.time(), [], 0
     for step in range(steps):
-        if time.time() - t0 > max_seconds:
-            log(f"unet: time cap reached after {step} steps")
+        if _stop(step, t0, max_seconds, stop_at_step, "unet", log):
             break
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, steps, lr, warmup=100)
@@ -540,7 +552,8 @@ def train_unet(pipe, latents_mean: Tensor, latents_std: Tensor, caps: list[str],
             log(f"unet step {step}/{steps} loss {np.mean(losses[-100:]):.4f} ({time.time() - t0:.0f} s)")
     ema.copy_to_params()
     unet.eval()
-    return {"steps_done": step + 1 if losses else 0, "seconds": time.time() - t0, "final_loss": float(np.mean(losses[-100:])) if losses else None}
+    return {"steps_done": len(losses),  # one loss per completed step (a capped loop breaks before its step)
+            "seconds": time.time() - t0, "final_loss": float(np.mean(losses[-100:])) if losses else None}
 
 
 @torch.no_grad()
@@ -617,11 +630,13 @@ def run_audioldm(args) -> dict[str, Any]:
                             "vae_scale_factor": int(pipe.vae_scale_factor),
                             "latent_shape": f"B,{args.latent_channels},{FRAMES // pipe.vae_scale_factor},{N_MELS // pipe.vae_scale_factor}"}
     meta["vocoder"] = train_vocoder(pipe.vocoder, mels, audio, steps=args.vocoder_steps, batch_size=args.vocoder_batch_size, lr=args.vocoder_lr,
-                                    crop=args.vocoder_crop, seed=args.seed + 1, log=log, max_seconds=min(args.vocoder_max_minutes * 60, budget))
+                                    crop=args.vocoder_crop, seed=args.seed + 1, log=log, max_seconds=min(args.vocoder_max_minutes * 60, budget),
+                                    stop_at_step=args.vocoder_stop_at_step)
     meta["vocoded_ground_truth"] = vocoded_ground_truth(pipe, 40, seed=args.eval_seed)
     log(f"ToneEval on vocoded ground truth: strict {meta['vocoded_ground_truth']['overall']['strict']:.3f}")
     meta["vae"] = train_vae(pipe.vae, mels, steps=args.vae_steps, batch_size=args.vae_batch_size, lr=args.vae_lr, kl_weight=args.kl_weight,
-                            seed=args.seed + 2, log=log, max_seconds=min(args.vae_max_minutes * 60, budget - (time.time() - t_start)))
+                            seed=args.seed + 2, log=log, max_seconds=min(args.vae_max_minutes * 60, budget - (time.time() - t_start)),
+                            stop_at_step=args.vae_stop_at_step)
     with torch.no_grad():
         posts = [pipe.vae.encode(m[:, None]).latent_dist for m in mels.split(256)]
         mean, std = torch.cat([p.mean for p in posts]), torch.cat([p.std for p in posts])
@@ -632,10 +647,23 @@ def run_audioldm(args) -> dict[str, Any]:
     log(f"scaling_factor {sf:.4f}; ToneEval on VAE-reconstructed + vocoded ground truth: strict {meta['vae_vocoded_ground_truth']['overall']['strict']:.3f}")
     remaining = budget - (time.time() - t_start)
     meta["unet"] = train_unet(pipe, mean, std, caps, steps=args.steps, batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay,
-                              cfg_dropout=args.cfg_dropout, seed=args.seed + 3, log=log, max_seconds=remaining)
+                              cfg_dropout=args.cfg_dropout, seed=args.seed + 3, log=log, max_seconds=remaining,
+                              stop_at_step=args.stop_at_step)
     meta["train_minutes"] = (time.time() - t_start) / 60
+    meta["replay_command"] = replay_command(args, meta)
     save_audioldm(pipe, out)
     return eval_audioldm_dir(out, args, meta, log)
+
+
+def replay_command(args, meta: dict[str, Any]) -> str:
+    """The command that re-runs this training step for step: every stage stopped where it stopped (its
+    schedule still spanning the full step count), without time caps (bit-identical on the same CPU and
+    thread count)."""
+    stages = [("vocoder", "vocoder_steps", "--vocoder-stop-at-step"), ("vae", "vae_steps", "--vae-stop-at-step"),
+              ("unet", "steps", "--stop-at-step")]
+    flags = "".join(f" {flag} {meta[stage]['steps_done']}" for stage, total, flag in stages
+                    if meta[stage]["steps_done"] < getattr(args, total))
+    return _command(args) + flags + " --vocoder-max-minutes 100000 --vae-max-minutes 100000 --max-minutes 100000"
 
 
 def load_audioldm_dir(path: str | Path):
@@ -680,7 +708,8 @@ def write_audioldm_card(out: Path, meta: dict[str, Any]) -> None:
         f"({meta['vae']['seconds'] / 60:.1f} min), UNet {meta['unet']['steps_done']} steps ({meta['unet']['seconds'] / 60:.1f} min); "
         f"{meta['train_minutes']:.1f} min in all; {meta['env']}. The text encoder comes from the tiny CLAP, trained first",
         "(`assets/toneworld-clap`, its model card gives the command and time). Stages are capped by wall-clock minutes, so",
-        "the step counts above depend on the machine's load.", "",
+        "the step counts above depend on the machine's load; this replays the run step for step (no time caps):", "",
+        f"    {meta.get('replay_command', '(not recorded for this run)')}", "",
         "## How good are the parts (ToneEval strict on ground-truth clips)", "",
         f"- mel -> vocoder: {meta['vocoded_ground_truth']['overall']['strict']:.3f} "
         + "(" + ", ".join(f"{c} {r['strict']:.2f}" for c, r in meta["vocoded_ground_truth"].items() if c != "overall") + ")",
@@ -727,6 +756,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=64)
     c.add_argument("--lr", type=float, default=1e-3)
     c.add_argument("--max-minutes", type=float, default=6.0)
+    c.add_argument("--stop-at-step", type=int, default=None, help="stop after this many steps (schedule still spans --steps): replays a time-capped run")
 
     a = sub.add_parser("audioldm", help="train the tiny AudioLDM (vocoder, VAE, UNet)")
     common(a)
@@ -743,17 +773,20 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--vocoder-lr", type=float, default=2e-3)
     a.add_argument("--vocoder-crop", type=int, default=32, help="mel frames per training crop")
     a.add_argument("--vocoder-max-minutes", type=float, default=2.5)
+    a.add_argument("--vocoder-stop-at-step", type=int, default=None, help="stop the vocoder after this many steps (replay)")
     a.add_argument("--vae-steps", type=int, default=1000)
     a.add_argument("--vae-batch-size", type=int, default=16)
     a.add_argument("--vae-lr", type=float, default=2e-3)
     a.add_argument("--kl-weight", type=float, default=1e-3)
     a.add_argument("--vae-max-minutes", type=float, default=2.5)
+    a.add_argument("--vae-stop-at-step", type=int, default=None, help="stop the VAE after this many steps (replay)")
     a.add_argument("--steps", type=int, default=3000, help="UNet steps")
     a.add_argument("--batch-size", type=int, default=32)
     a.add_argument("--lr", type=float, default=1e-3)
     a.add_argument("--ema-decay", type=float, default=0.995)
     a.add_argument("--cfg-dropout", type=float, default=0.1)
     a.add_argument("--max-minutes", type=float, default=17.0, help="wall-clock cap of all training stages together")
+    a.add_argument("--stop-at-step", type=int, default=None, help="stop the UNet after this many steps (schedule still spans --steps): replays a time-capped run")
 
     e = sub.add_parser("eval-audioldm", help="re-measure a saved pipeline, rewrite metrics.json and MODEL_CARD.md")
     common(e)

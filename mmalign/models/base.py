@@ -341,6 +341,13 @@ class ModelAdapter(ABC):
                              f"expected {expected}: give images at the model's size")
         return z.to(self.device)
 
+    def encode_media(self, media: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Media in the canonical layout of :meth:`decode`'s output -> latents B,*L (the inverse of
+        :meth:`decode`). Images for image families (:meth:`encode_images`); video families override it."""
+        if self.modality == "image":
+            return self.encode_images(media, generator)
+        raise NotImplementedError(f"{self.family}: encoding {self.modality} into latents is not implemented")
+
     def denoise(self, latents: Tensor, timestep: Tensor | float, conditioning: Conditioning) -> Tensor:
         """Model output for ``latents`` (B,*L) at ``timestep`` with classifier-free guidance applied.
 

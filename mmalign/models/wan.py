@@ -289,6 +289,27 @@ class WanAdapter(VideoTransformerAdapter):
         video = (video.float() / 2 + 0.5).clamp(0, 1)
         return video.permute(0, 2, 1, 3, 4).to(latents.device)
 
+    @torch.no_grad()  # the VAE is frozen: encoded videos are training data
+    def encode_media(self, media: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Video B,T,3,H,W in [0, 1] -> latents B,C,F',h,w: the inverse of :meth:`decode`
+        (``vae.encode``, then ``(z - latents_mean) / latents_std``); the posterior mean, or a sample of it
+        when ``generator`` is given."""
+        if media.ndim != 5 or media.shape[2] != 3:
+            raise ValueError(f"{self.family}: encode_media takes video B,T,3,H,W, got shape {tuple(media.shape)}")
+        vae = self.pipeline.vae
+        x = (media.float() * 2 - 1).permute(0, 2, 1, 3, 4).to(device=self.vae_device, dtype=vae.dtype)
+        posterior = vae.encode(x).latent_dist
+        z = (posterior.mean if generator is None else posterior.sample(generator)).float()
+        z_dim = vae.config.z_dim
+        mean = torch.tensor(vae.config.latents_mean).view(1, z_dim, 1, 1, 1).to(z.device)
+        std = torch.tensor(vae.config.latents_std).view(1, z_dim, 1, 1, 1).to(z.device)
+        z = (z - mean) / std
+        expected = tuple(self.latent_shape(z.shape[0]))
+        if tuple(z.shape) != expected:
+            raise ValueError(f"{self.family}: video {tuple(media.shape[1:])} encodes to latents {tuple(z.shape)}, expected "
+                             f"{expected}: give videos with the model's frame count and size")
+        return z.to(self.device)
+
     @property
     def vae_device(self) -> torch.device:
         return next(self.pipeline.vae.parameters()).device

@@ -7,14 +7,16 @@ from ..registry import SAMPLERS
 from .steps import (
     StepOutput,
     ddim_step,
+    diffusion_noise_to,
     ddpm_step,
+    flow_noise_to,
     flow_ode_step,
     flow_sde_step,
     flow_x0,
     flow_x1,
     gaussian_log_prob,
 )
-from .trajectory import SamplerConfig, StepLogProbs, log_prob, ode_complete, random_sde_window, sample, step
+from .trajectory import SamplerConfig, StepLogProbs, log_prob, noise_to_step, ode_complete, random_sde_window, sample, step
 
 for _name, _doc in {
     "ode": "deterministic: Euler for flow models, DDIM eta=0 for diffusion models",
@@ -39,6 +41,6 @@ for _name, _target, _doc in [
     SAMPLERS.register(_name, f"mmalign.samplers.inference:{_target}", description=_doc)
 
 __all__ = [
-    "SamplerConfig", "StepLogProbs", "StepOutput", "ddim_step", "ddpm_step", "flow_ode_step", "flow_sde_step",
-    "flow_x0", "flow_x1", "gaussian_log_prob", "log_prob", "ode_complete", "random_sde_window", "sample", "step",
+    "SamplerConfig", "StepLogProbs", "StepOutput", "ddim_step", "ddpm_step", "diffusion_noise_to", "flow_noise_to", "flow_ode_step", "flow_sde_step",
+    "flow_x0", "flow_x1", "gaussian_log_prob", "log_prob", "noise_to_step", "ode_complete", "random_sde_window", "sample", "step",
 ]

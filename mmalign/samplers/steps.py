@@ -116,6 +116,12 @@ def flow_x1(x: Tensor, v: Tensor, sigma: Tensor | float) -> Tensor:
     return x.float() + (1 - _as_f32(sigma, x)) * v.float()
 
 
+def flow_noise_to(x0: Tensor, noise: Tensor, sigma: Tensor | float) -> Tensor:
+    """Forward-noise a clean sample to level ``sigma``: (1 - sigma) x0 + sigma * noise (rectified flow)."""
+    sigma = _as_f32(sigma, x0)
+    return (1 - sigma) * x0.float() + sigma * noise.float()
+
+
 def flow_ode_step(
     v: Tensor, x: Tensor, sigma: Tensor | float, sigma_next: Tensor | float, reduction: Reduction = "mean"
 ) -> StepOutput:
@@ -189,6 +195,12 @@ def flow_sde_step(
 
 
 # ----------------------------------------------------------------------------- diffusion (DDIM / DDPM)
+def diffusion_noise_to(x0: Tensor, noise: Tensor, alpha_bar: Tensor | float) -> Tensor:
+    """Forward-noise a clean sample to ``alpha_bar``: sqrt(a) x0 + sqrt(1 - a) noise (DDPM q(x_t | x_0))."""
+    a = _as_f32(alpha_bar, x0)
+    return a.sqrt() * x0.float() + (1 - a).sqrt() * noise.float()
+
+
 def diffusion_x0_eps(
     model_output: Tensor, x: Tensor, alpha_bar: Tensor | float, prediction_type: str
 ) -> tuple[Tensor, Tensor]:

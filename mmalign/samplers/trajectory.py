@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..models.base import Conditioning, ModelAdapter, Schedule, check_num_steps, check_prompts
 from ..types import Rollout
-from .steps import Reduction, StepOutput, ddim_step, ddpm_step, flow_ode_step, flow_sde_step
+from .steps import Reduction, StepOutput, ddim_step, ddpm_step, diffusion_noise_to, flow_noise_to, flow_ode_step, flow_sde_step
 
 FLOW_METHODS = ("ode", "flow_grpo", "dance", "cps")
 DIFFUSION_METHODS = ("ode", "ddim", "ddpm")
@@ -61,6 +61,11 @@ class SamplerConfig:
     """Rows per denoiser call, the same when sampling and recomputing log-probs. A fixed size makes each
     row's float computation independent of the batch, so the training/rollout ratio is exactly 1 for any
     training batch that is a multiple of it (1: any batch). None: one call for the whole batch (fastest)."""
+    start_step: int = 0
+    """Partial chain (InstructVideo, arXiv 2312.12490): begin at step ``start_step`` of the ``num_steps``
+    schedule from given clean latents noised to that step's level, and run only the remaining
+    ``num_steps - start_step`` steps (the rollout records those). 0 = the whole chain from pure noise.
+    ``sde_window`` and ``noise_levels`` keep indexing the whole schedule."""
 
     def __post_init__(self) -> None:
         check_num_steps(self.num_steps)
@@ -90,6 +95,11 @@ class SamplerConfig:
             if not (0 <= start < end <= self.num_steps):
                 raise ValueError(f"sde_window {self.sde_window} must satisfy 0 <= start < end <= num_steps={self.num_steps}")
             self.sde_window = (int(start), int(end))
+        if isinstance(self.start_step, bool) or not isinstance(self.start_step, int) or not 0 <= self.start_step < self.num_steps:
+            raise ValueError(f"start_step must be an integer in [0, num_steps={self.num_steps}), got {self.start_step!r}")
+        if self.sde_window is not None and self.sde_window[1] <= self.start_step:
+            raise ValueError(f"sde_window {self.sde_window} ends before start_step {self.start_step}: the partial chain "
+                             "would have no stochastic step")
 
     def step_noise(self, k: int) -> float:
         """The noise of step ``k``: ``noise_levels[k]`` when given, else ``eta`` (ddim) or ``noise_level``."""
@@ -104,12 +114,15 @@ class SamplerConfig:
         return self.sde_window is None or self.sde_window[0] <= k < self.sde_window[1]
 
 
-def random_sde_window(num_steps: int, size: int, generator: torch.Generator | None = None, max_start: int | None = None) -> tuple[int, int]:
-    """A window of ``size`` consecutive steps at a random start in ``[0, max_start]`` (Flow-GRPO-Fast)."""
-    if not 1 <= size <= num_steps:
-        raise ValueError(f"window size {size} must be in [1, num_steps={num_steps}]")
+def random_sde_window(num_steps: int, size: int, generator: torch.Generator | None = None, max_start: int | None = None,
+                      min_start: int = 0) -> tuple[int, int]:
+    """A window of ``size`` consecutive steps at a random start in ``[min_start, max_start]`` (Flow-GRPO-Fast;
+    ``min_start`` = a partial chain's first step)."""
+    if not 1 <= size <= num_steps - min_start:
+        raise ValueError(f"window size {size} must be in [1, num_steps - min_start = {num_steps - min_start}]")
     hi = num_steps - size if max_start is None else min(max_start, num_steps - size)
-    start = int(torch.randint(0, hi + 1, (1,), generator=generator).item())
+    hi = max(hi, min_start)
+    start = int(torch.randint(min_start, hi + 1, (1,), generator=generator).item())
     return start, start + size
 
 
@@ -159,6 +172,19 @@ def step(
                      prev_sample=prev_sample, noise=noise, generator=generator, reduction=red)
 
 
+def noise_to_step(schedule: Schedule, clean: Tensor, k: int, noise: Tensor) -> Tensor:
+    """The state x_k of step ``k`` of ``schedule`` reached by forward-noising ``clean`` latents (B,*L) with
+    standard-normal ``noise`` (B,*L): (1 - sigma_k) x0 + sigma_k eps (flow) or sqrt(a_k) x0 + sqrt(1 - a_k) eps
+    (diffusion). With k = 0 on a flow schedule whose first sigma is 1 this is the noise itself."""
+    if tuple(clean.shape) != tuple(noise.shape):
+        raise ValueError(f"clean latents {tuple(clean.shape)} and noise {tuple(noise.shape)} differ in shape")
+    if not 0 <= k < schedule.num_steps:
+        raise ValueError(f"step {k} out of range for a {schedule.num_steps}-step schedule")
+    if schedule.kind == "flow":
+        return flow_noise_to(clean, noise, schedule.sigmas[k])
+    return diffusion_noise_to(clean, noise, schedule.alphas_cumprod[k])
+
+
 def _expand_group(prompts: list[str], negative: list[str] | None, group_size: int) -> tuple[list[str], list[str] | None, Tensor]:
     prompts = [p for p in prompts for _ in range(group_size)]
     negative = None if negative is None else [n for n in negative for _ in range(group_size)]
@@ -176,6 +202,7 @@ def sample(
     negative_prompts: Sequence[str] | None = None,
     generator: torch.Generator | None = None,
     conditioning: Conditioning | None = None,
+    clean_latents: Tensor | None = None,
 ) -> Rollout:
     """Sample one trajectory per prompt (``group_size`` per prompt) and record it.
 
@@ -183,6 +210,10 @@ def sample(
         prompts: B0 prompts; the rollout holds B = B0 * group_size samples.
         latents: optional initial noise (B,*L); drawn from ``generator`` otherwise.
         conditioning: pre-encoded prompts for the expanded batch (skips encoding).
+        clean_latents: with ``config.start_step > 0`` (a partial chain), the clean latents to start from,
+            one per prompt (B0,*L, shared by its group) or per sample (B,*L); the chain begins at
+            ``noise_to_step(schedule, clean_latents, start_step, latents)``. The rollout then records
+            K' = num_steps - start_step steps (``meta["start_step"]`` says where they begin).
 
     Runs under ``torch.no_grad``: rollouts are data; gradients come from :func:`log_prob`.
     """
@@ -209,9 +240,24 @@ def sample(
     elif tuple(latents.shape) != expected:
         raise ValueError(f"initial latents have shape {tuple(latents.shape)}, expected {expected} for batch {batch}")
     x = latents.float().to(adapter.device)
+    start = config.start_step
+    if start > 0:
+        if clean_latents is None:
+            raise ValueError(f"start_step {start}: a partial chain starts from clean latents; pass clean_latents")
+        clean = clean_latents.float().to(adapter.device)
+        if clean.shape[0] * config.group_size == batch and clean.shape[0] != batch:
+            clean = clean.repeat_interleave(config.group_size, dim=0)
+        if tuple(clean.shape) != expected:
+            raise ValueError(f"clean_latents have shape {tuple(clean_latents.shape)}, expected {expected} "
+                             f"(or one row per prompt) for batch {batch}")
+        if not bool(torch.isfinite(clean).all()):
+            raise ValueError("clean_latents hold NaN or infinite values")
+        x = noise_to_step(schedule, clean, start, x)
+    elif clean_latents is not None:
+        raise ValueError("clean_latents are only used by a partial chain: set the sampler's start_step > 0")
 
     traj, log_probs, x0s, noises, stochastic = [x], [], [], [], []
-    for k in range(schedule.num_steps):
+    for k in range(start, schedule.num_steps):
         out = adapter.denoise_in_chunks(x, schedule.timesteps[k], conditioning, config.micro_batch)
         res = step(schedule, config, k, out, x, generator=generator)
         x = res.prev_sample
@@ -228,9 +274,9 @@ def sample(
         negative_prompts=negative,
         latents=torch.stack(traj, dim=1),
         log_probs=torch.stack(log_probs, dim=1),
-        timesteps=schedule.timesteps.detach().cpu(),
-        sigmas=None if schedule.sigmas is None else schedule.sigmas.detach().cpu(),
-        alphas_cumprod=None if schedule.alphas_cumprod is None else schedule.alphas_cumprod.detach().cpu(),
+        timesteps=schedule.timesteps[start:].detach().cpu(),
+        sigmas=None if schedule.sigmas is None else schedule.sigmas[start:].detach().cpu(),
+        alphas_cumprod=None if schedule.alphas_cumprod is None else schedule.alphas_cumprod[start:].detach().cpu(),
         stochastic=torch.tensor(stochastic),
         samples=adapter.decode(final) if config.decode else None,
         x0_pred=torch.stack(x0s, dim=1) if config.record_x0 else None,
@@ -241,6 +287,7 @@ def sample(
             "modality": adapter.modality,
             "guidance_scale": guidance,
             "sampler": asdict(config),
+            "start_step": start,
             "log_prob_reduction": config.log_prob_reduction,
             "prediction_type": schedule.prediction_type,
             "sample_rate": adapter.sample_rate,
@@ -280,9 +327,16 @@ def log_prob(
 ) -> StepLogProbs:
     """Recompute log p(x_{k+1} | x_k) for ``steps`` (default: every stochastic step) under the
     adapter's current parameters, differentiably. With unchanged parameters it equals
-    ``rollout.log_probs[:, steps]``.
+    ``rollout.log_probs[:, steps]``. ``steps`` index the rollout's recorded steps (of a partial chain:
+    step k is schedule step ``start_step + k``).
     """
     config = config or _config_from_rollout(rollout)
+    start = int(rollout.meta.get("start_step", 0))
+    if config.start_step != start:
+        raise ValueError(f"log_prob: the sampler config starts at step {config.start_step}, the rollout at step {start}")
+    if rollout.num_steps != config.num_steps - start:
+        raise ValueError(f"log_prob: the rollout has {rollout.num_steps} steps, the sampler config "
+                         f"{config.num_steps - start} (num_steps {config.num_steps}, start_step {start})")
     if steps is None:
         steps = [k for k in range(rollout.num_steps) if bool(rollout.stochastic[k])]
     steps = list(steps)
@@ -294,7 +348,7 @@ def log_prob(
     det = [k for k in steps if not bool(rollout.stochastic[k])]
     if det:
         raise ValueError(f"log_prob: steps {det} were deterministic (ODE) when sampled and have no density")
-    schedule = adapter.schedule(rollout.num_steps)
+    schedule = adapter.schedule(config.num_steps)
     if conditioning is None:
         conditioning = adapter.encode_in_chunks(
             rollout.prompts, rollout.negative_prompts, rollout.meta["guidance_scale"], config.micro_batch
@@ -303,8 +357,8 @@ def log_prob(
     lps, means, stds, x0s = [], [], [], []
     for k in steps:
         x = rollout.latents[:, k].to(device)
-        out = adapter.denoise_in_chunks(x, schedule.timesteps[k], conditioning, config.micro_batch)
-        res = step(schedule, config, k, out, x, prev_sample=rollout.latents[:, k + 1].to(device))
+        out = adapter.denoise_in_chunks(x, schedule.timesteps[start + k], conditioning, config.micro_batch)
+        res = step(schedule, config, start + k, out, x, prev_sample=rollout.latents[:, k + 1].to(device))
         lps.append(res.log_prob)
         means.append(res.mean)
         stds.append(res.std)

@@ -333,9 +333,15 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation during training."""
 
+    #: whether ``sampler.start_step > 0`` (an InstructVideo partial chain) is supported by this algorithm
+    supports_partial_chain: ClassVar[bool] = False
+
     def __post_init__(self) -> None:
         if self.max_steps < 0:
             raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
+        if self.sampler.start_step > 0 and not type(self).supports_partial_chain:
+            raise ValueError(f"sampler.start_step {self.sampler.start_step}: partial chains are supported by algorithm "
+                             f"grpo only; {self.algorithm} samples whole chains (set sampler.start_step: 0)")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError(f"max_minutes must be > 0 or null, got {self.max_minutes}")
         if self.gradient_accumulation_steps < 1:
@@ -1125,17 +1131,20 @@ class Trainer:
 
     @torch.no_grad()
     def sample_groups(self, step: int, items: Sequence[tuple[int, str, str]], sampler: SamplerConfig, *,
-                      purpose: str = "rollout") -> Rollout:
+                      purpose: str = "rollout", clean_latents: Tensor | None = None) -> Rollout:
         """Sample ``sampler.group_size`` trajectories for each ``(global_index, category, prompt)``, each
         group from its own generator seeded by (seed, step, purpose, global_index): the rows are the
         same however the prompts are split over processes. ``group_ids`` = global indices;
-        ``meta["categories"]`` = each row's category."""
+        ``meta["categories"]`` = each row's category. ``clean_latents`` (one row per item): a partial
+        chain's starting points (``sampler.start_step > 0``)."""
         from ..samplers import sample
 
         parts = []
-        for gidx, _, prompt in items:
+        for i, (gidx, _, prompt) in enumerate(items):
+            clean = None if clean_latents is None else clean_latents[i: i + 1]
             with self.autocast():
-                r = sample(self.adapter, [prompt], sampler, generator=make_generator(self.cfg.seed, purpose, step, gidx))
+                r = sample(self.adapter, [prompt], sampler, generator=make_generator(self.cfg.seed, purpose, step, gidx),
+                           clean_latents=clean)
             r.group_ids = torch.full((r.batch_size,), int(gidx), dtype=torch.long)
             parts.append(r)
         rollout = cat_rollouts(parts)
@@ -1155,7 +1164,7 @@ class Trainer:
 
     def eval_sampler(self) -> SamplerConfig:
         e, s = self.cfg.eval, self.cfg.sampler
-        base = dataclasses.replace(s, group_size=1, same_noise_in_group=False, record_x0=False, decode=True)
+        base = dataclasses.replace(s, group_size=1, same_noise_in_group=False, record_x0=False, decode=True, start_step=0)
         if e.method == "ode":
             base = dataclasses.replace(base, method="ode", sde_window=None, noise_levels=None)
         return dataclasses.replace(base, num_steps=e.num_steps or s.num_steps,

@@ -38,7 +38,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -102,6 +102,7 @@ class DenseGRPOTrainConfig(GRPOTrainConfig):
     """Must be ``dense_grpo`` for this config."""
     dense: DenseGRPOConfig = field(default_factory=DenseGRPOConfig)
     """Dense step rewards and per-timestep noise calibration."""
+    supports_partial_chain: ClassVar[bool] = False  # step gains need the whole chain's completions
 
     def __post_init__(self) -> None:
         super().__post_init__()

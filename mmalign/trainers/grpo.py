@@ -16,13 +16,21 @@ One training step:
    ``beta`` times the latent-mean KL to the reference policy (:func:`~mmalign.trainers.losses.latent_kl`,
    reference = LoRA disabled), backward per timestep; one optimizer update every
    ``gradient_accumulation_steps`` minibatches.
+
+Partial chains (InstructVideo, arXiv 2312.12490): with ``sampler.start_step: k0`` and
+``grpo.partial_chain_dataset``, each step draws records ``{prompt, image|video}`` from the dataset, encodes
+their media with the frozen VAE, noises them to step k0 and samples only the last ``num_steps - k0``
+steps: rollouts cost about ``(num_steps - k0) / num_steps`` of whole chains, and every recorded step
+is trainable as usual.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Sequence
 
 import torch
 from torch import Tensor
@@ -74,6 +82,11 @@ class GRPOConfig:
     on_invalid_reward: Literal["raise", "zero_advantage"] = "raise"
     """A sample a trained reward could not score: stop with its reason, or give it advantage 0 (its
     reward then taken as its group's mean of the valid ones)."""
+    partial_chain_dataset: str | None = None
+    """With ``sampler.start_step > 0`` (InstructVideo partial chains): a JSONL file of
+    ``{"prompt": ..., "image"|"video": path[, "category": ...]}`` lines (paths relative to the file);
+    each step's prompts are drawn from it and their groups start from its media noised to
+    ``start_step``. Media must have the model's frame count; frames are resized to its size."""
 
     def __post_init__(self) -> None:
         for name in ("prompts_per_step", "group_size", "num_inner_epochs", "num_minibatches"):
@@ -106,6 +119,7 @@ class GRPOTrainConfig(TrainConfig):
     Its guidance_scale is used when sampling *and* when recomputing log-probs (CFG on or off at training)."""
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     """GRPO hyperparameters."""
+    supports_partial_chain: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -117,6 +131,11 @@ class GRPOTrainConfig(TrainConfig):
             raise ValueError(f"sampler.method: GRPO needs a stochastic sampler (flow_grpo, dance or cps for flow models; "
                              f"ddim with eta > 0 or ddpm for diffusion models), got {s.method!r}"
                              + (" with eta 0" if s.method == "ddim" else ""))
+        if s.start_step > 0 and not g.partial_chain_dataset:
+            raise ValueError(f"sampler.start_step {s.start_step}: a partial chain starts from clean media; set "
+                             "grpo.partial_chain_dataset (a JSONL of {prompt, image|video} lines)")
+        if g.partial_chain_dataset and s.start_step == 0:
+            raise ValueError("grpo.partial_chain_dataset is used only by partial chains: set sampler.start_step > 0")
         if s.method in ("flow_grpo", "dance", "cps") and s.noise_level == 0:
             raise ValueError("sampler.noise_level: 0 makes every step deterministic; GRPO needs noise")
         if s.group_size != 1:
@@ -126,8 +145,9 @@ class GRPOTrainConfig(TrainConfig):
         if g.sde_window_size is not None:
             if s.sde_window is not None:
                 raise ValueError("give either sampler.sde_window (a fixed window) or grpo.sde_window_size (a random one), not both")
-            if g.sde_window_size > s.num_steps:
-                raise ValueError(f"grpo.sde_window_size {g.sde_window_size} exceeds sampler.num_steps {s.num_steps}")
+            if g.sde_window_size > s.num_steps - s.start_step:
+                raise ValueError(f"grpo.sde_window_size {g.sde_window_size} exceeds the {s.num_steps - s.start_step} sampled steps "
+                                 f"(sampler.num_steps {s.num_steps}, start_step {s.start_step})")
         if s.micro_batch is not None and g.group_size % s.micro_batch:
             raise ValueError(f"grpo.group_size {g.group_size} must be a multiple of sampler.micro_batch {s.micro_batch} "
                              "(sampling chunks then match training chunks exactly)")
@@ -164,6 +184,15 @@ class GRPOTrainer(Trainer):
                      "ratios start ~1e-7 away from 1 (set sampler.micro_batch for bit-exact ratios)")
         self.prompt_source = PromptSource(cfg.prompts)
 
+    def setup(self) -> None:
+        self.chain_records = None
+        if self.cfg.sampler.start_step > 0:
+            self.chain_records = read_media_dataset(self.cfg.grpo.partial_chain_dataset, self.adapter.modality,
+                                                    "grpo.partial_chain_dataset")
+            self.log(f"partial chains from step {self.cfg.sampler.start_step} of {self.cfg.sampler.num_steps}: "
+                     f"{len(self.chain_records)} records from {self.cfg.grpo.partial_chain_dataset}")
+            self._media_size = tuple(self.adapter.decode(torch.zeros(self.adapter.latent_shape(1), device=self.adapter.device)).shape[1:])
+
     def updates_per_step(self) -> int:
         g = self.cfg.grpo
         return g.num_inner_epochs * g.num_minibatches // self.cfg.gradient_accumulation_steps
@@ -175,7 +204,7 @@ class GRPOTrainer(Trainer):
         s = dataclasses.replace(s, group_size=g.group_size)
         if g.sde_window_size is not None:
             window = random_sde_window(s.num_steps, g.sde_window_size, make_generator(self.cfg.seed, "sde_window", step),
-                                       max_start=g.sde_window_max_start)
+                                       max_start=g.sde_window_max_start, min_start=s.start_step)
             s = dataclasses.replace(s, sde_window=window)
         return s
 
@@ -257,9 +286,12 @@ class GRPOTrainer(Trainer):
         sampler = self.step_sampler(step)
 
         # 1. rollouts: the global prompt draw is the same everywhere; this process samples its slice
-        drawn = self.prompt_source.draw(g.prompts_per_step, make_generator(cfg.seed, "prompts", step))
-        local, _ = self.shard([(i, c, p) for i, (c, p) in enumerate(drawn)])
-        rollout = self.sample_groups(step, local, sampler)
+        if self.chain_records is None:
+            drawn = self.prompt_source.draw(g.prompts_per_step, make_generator(cfg.seed, "prompts", step))
+            local, _ = self.shard([(i, c, p) for i, (c, p) in enumerate(drawn)])
+            rollout = self.sample_groups(step, local, sampler)
+        else:
+            rollout = self.sample_partial_chains(step, sampler)
         b = rollout.batch_size
         steps = self.trained_timesteps(rollout.stochastic, step)
         with torch.no_grad(), self.autocast():  # encoded exactly as when sampling (same chunks, same guidance)
@@ -299,6 +331,20 @@ class GRPOTrainer(Trainer):
         metrics["updates"] = len(updates)
         return metrics
 
+    def sample_partial_chains(self, step: int, sampler: SamplerConfig) -> Rollout:
+        """This process's groups of a partial-chain step: records drawn from the dataset (the same draw on
+        every process), their media encoded and noised to ``sampler.start_step``, then sampled from there."""
+        n, want = len(self.chain_records), self.cfg.grpo.prompts_per_step
+        gen = make_generator(self.cfg.seed, "prompts", step)
+        idx = torch.randperm(n, generator=gen)[:want] if want <= n else torch.randint(0, n, (want,), generator=gen)
+        local, _ = self.shard(list(enumerate(idx.tolist())))
+        recs = [self.chain_records[i] for _, i in local]
+        media = torch.stack([fit_media(r, self.adapter.modality, self._media_size) for r in recs])
+        with torch.no_grad(), self.autocast():
+            clean = self.adapter.encode_media(media.to(self.adapter.device)).float()
+        return self.sample_groups(step, [(gi, r.category, r.prompt) for (gi, _), r in zip(local, recs)], sampler,
+                                  clean_latents=clean)
+
     def timestep_loss(self, sub, cond, adv: Tensor, k: int, sampler: SamplerConfig) -> tuple[Tensor, dict[str, float]]:
         """PPO clipped loss (+ beta * KL to the reference) of the minibatch ``sub`` at step ``k``."""
         g = self.cfg.grpo
@@ -318,3 +364,59 @@ class GRPOTrainer(Trainer):
             stats["kl"] = float(kl.detach())
         stats["loss"] = float(loss.detach())
         return loss, stats
+
+
+# ============================================================================ partial-chain media
+
+
+@dataclass
+class MediaRecord:
+    """One line of a media dataset: a prompt, its media file, a category, and ``file:LINE``."""
+
+    prompt: str
+    media: Path
+    category: str
+    source: str
+
+
+def read_media_dataset(path: str | os.PathLike, modality: str, what: str) -> list[MediaRecord]:
+    """Records of a JSONL file of ``{"prompt": ..., "<modality>": path[, "category": ...]}`` lines
+    (``image`` or ``video``); ValueError naming the file and line of a bad one."""
+    from ..rewards.judge import _resolve_media, read_jsonl_objects
+
+    if modality not in ("image", "video"):
+        raise NotImplementedError(f"{what}: partial chains start from images or videos; this model makes {modality}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: {str(path)!r} does not exist")
+    records = []
+    for where, rec in read_jsonl_objects(path, ("prompt", modality)):
+        if not isinstance(rec["prompt"], str) or not rec["prompt"].strip():
+            raise ValueError(f"{where}: prompt must be a non-empty string")
+        if not isinstance(rec[modality], str):
+            raise ValueError(f"{where}: {modality} must be a file path string")
+        category = rec.get("category", "all")
+        if not isinstance(category, str):
+            raise ValueError(f"{where}: category must be a string, got {type(category).__name__}")
+        records.append(MediaRecord(rec["prompt"], _resolve_media(path.parent, rec[modality], where, modality), category, where))
+    if not records:
+        raise ValueError(f"{what}: {path} holds no records")
+    return records
+
+
+def fit_media(record: MediaRecord, modality: str, size: tuple[int, ...]) -> Tensor:
+    """The record's media at the model's ``size`` (image 3,H,W; video T,3,H,W), in [0, 1]: frames resized
+    (shorter side, then centre crop); a video's frame count must match."""
+    from ..media import load_media
+    from .rwr import fit_image
+
+    (item,), (why,) = load_media([record.media], modality)
+    if why is not None:
+        raise ValueError(f"{record.source}: {modality} {str(record.media)!r} cannot be used: {why}")
+    if modality == "video" and item.shape[0] != size[0]:
+        raise ValueError(f"{record.source}: video {str(record.media)!r} has {item.shape[0]} frames, the model makes {size[0]}")
+    height, width = size[-2:]
+    if tuple(item.shape[-2:]) != (height, width):
+        item = torch.stack([fit_image(f, height, width) for f in item]) if modality == "video" else fit_image(item, height, width)
+    return item
+

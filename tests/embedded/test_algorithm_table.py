@@ -19,6 +19,20 @@ def test_every_recipe_validates_with_the_table_overrides(name):
     assert cfg.eval.report_targets == {at.STRICT: 1.0} and cfg.model.name == "assets/shapeworld-sd3" and cfg.threads == 1
 
 
+@pytest.mark.parametrize("world", ["video", "audio"])
+def test_media_worlds_have_every_recipe_validating_with_the_table_overrides(world):
+    w = at.WORLDS[world]
+    assert set(w.recipes) == {"grpo", "dpo", "rwr", "reward_backprop"}
+    model = {"video": "assets/movingshapes-wan", "audio": "assets/toneworld-audioldm"}[world]
+    for name, path in w.recipes.items():
+        cfg = load_train_config(ROOT / path, [*at.common_overrides(w), "max_minutes=5"])
+        assert cfg.algorithm == name and cfg.model.name == model and cfg.threads == 1, path
+        assert cfg.eval.prompts_file == w.heldout and cfg.eval.report_targets == {w.strict: 1.0}
+        labels = [r.name for r in cfg.rewards + cfg.held_out_rewards]
+        assert w.verifier in labels and w.learned.split("/")[1] in labels, (path, labels)
+    assert at.header(world).count("|") == at.HEADER.count("|")
+
+
 def test_table_row_from_a_report(tmp_path):
     run = tmp_path / "grpo"
     run.mkdir()
@@ -36,3 +50,5 @@ def test_bad_arguments():
         at.main(["--only", "nope"])
     with pytest.raises(SystemExit):
         at.main(["--minutes", "0"])
+    with pytest.raises(SystemExit):
+        at.main(["--world", "audio", "--only", "prdp"])

@@ -200,3 +200,34 @@ def test_mmalign_train_runs_the_toneworld_recipe(tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "[train] step 1" in printed and "reward/toneeval/mean" in printed and "held_out/clap/mean" in printed
+
+
+def test_audio_training_stages_replay_a_time_capped_run_step_for_step():
+    """``--*-stop-at-step`` replays a stage cut by its time cap: the same steps under the full schedule,
+    bit-identical; the replay command names every cut stage."""
+    from mmalign.embedded.pretrain_audio import (ToneMel, _tokenizer, build_audioldm, replay_command, text_encoder_from_clap,
+                                                 toneworld_data, train_vae)
+
+    tok = _tokenizer()
+    audio, _, _ = toneworld_data(16, 0, lambda *a: None)
+    mels = ToneMel()(audio)
+
+    def vae_after(steps, stop):
+        pipe = build_audioldm(0, text_encoder_from_clap(None, 0, tok), tok, unet_channels=[8, 16], vae_channels=[8, 8],
+                              vocoder_channels=8, latent_channels=4)
+        out = train_vae(pipe.vae, mels, steps=steps, batch_size=4, lr=1e-3, kl_weight=1e-3, seed=1, log=lambda *a: None,
+                        max_seconds=1e6, stop_at_step=stop)
+        return out["steps_done"], torch.cat([p.detach().flatten() for p in pipe.vae.parameters()])
+
+    n1, w1 = vae_after(6, 3)
+    n2, w2 = vae_after(6, 3)
+    n6, w6 = vae_after(6, None)
+    assert n1 == n2 == 3 and n6 == 6 and torch.equal(w1, w2) and not torch.equal(w1, w6)
+    import mmalign.embedded.pretrain_audio as pa
+
+    meta = {"vocoder": {"steps_done": 10}, "vae": {"steps_done": 7}, "unet": {"steps_done": 4}}
+    full = pa.build_parser().parse_args(["audioldm", "--out", "x", "--vocoder-steps", "10", "--vae-steps", "10", "--steps", "10"])
+    cmd = replay_command(full, meta)
+    assert "--vae-stop-at-step 7" in cmd and "--stop-at-step 4" in cmd and "--vocoder-stop-at-step" not in cmd
+    flags = cmd[cmd.index("--vae-stop-at-step"):].split()
+    assert pa.build_parser().parse_args(["audioldm", "--out", "x", *flags]).vae_stop_at_step == 7

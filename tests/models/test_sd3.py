@@ -143,6 +143,27 @@ def test_ode_matches_pipeline(adapter, guidance, negative):
     torch.testing.assert_close(rollout.sigmas, adapter.pipeline.scheduler.sigmas.cpu())
 
 
+@pytest.mark.parametrize("start_step", [1, 3])
+def test_partial_chain_matches_the_img2img_pipeline(adapter, start_step):
+    """An ODE partial chain from clean latents (InstructVideo) is diffusers' img2img with strength
+    (K - start) / K: the same noised start (``scheduler.scale_noise``), the same remaining timesteps."""
+    from diffusers import StableDiffusion3Img2ImgPipeline
+
+    k = 4
+    clean = noise(adapter, seed=5) * 0.5
+    eps = torch.randn(clean.shape, generator=torch.Generator().manual_seed(7))  # the pipeline's randn_tensor draw
+    cfg = SamplerConfig(method="ode", num_steps=k, guidance_scale=3.0, start_step=start_step)
+    rollout = sample(adapter, PROMPTS, cfg, latents=eps, clean_latents=clean)
+    img2img = StableDiffusion3Img2ImgPipeline.from_pipe(adapter.pipeline)
+    ref = img2img(PROMPTS, image=clean.clone(), strength=(k - start_step) / k, num_inference_steps=k, guidance_scale=3.0,
+                  generator=torch.Generator().manual_seed(7), output_type="latent").images
+    assert rollout.num_steps == k - start_step and rollout.meta["start_step"] == start_step
+    sigma = adapter.schedule(k).sigmas[start_step]
+    torch.testing.assert_close(rollout.latents[:, 0], (1 - sigma) * clean + sigma * eps)
+    torch.testing.assert_close(rollout.final_latents, ref, rtol=0, atol=1e-4)
+    torch.testing.assert_close(rollout.timesteps, adapter.schedule(k).timesteps[start_step:])
+
+
 def test_decode_range_and_gradient(adapter):
     z = noise(adapter).requires_grad_(True)
     images = adapter.decode(z)

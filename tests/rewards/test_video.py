@@ -214,3 +214,19 @@ def test_temporal_consistency_gradients_batches_and_invalid_items():
     assert out.valid.tolist() == [False, True] and out.reasons[0]
     sub = tiny_reward("temporal_consistency", sampler="segmental", k=3)
     assert sub(videos(b=1, t=12, size=32)).components["pair_similarity"].shape == (1, 2)
+
+
+def test_gif_roundtrip_keeps_every_frame_of_still_and_paused_clips(tmp_path):
+    """GIF writers merge identical consecutive frames (a still clip becomes one frame); files written by
+    save_video_gif record the frame duration, and read_video restores the frame count and content."""
+    from mmalign.media import read_video
+
+    still = torch.zeros(9, 3, 8, 8)
+    still[:, 0] = 1.0
+    paused = torch.rand(7, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    paused[2:5] = paused[2]  # frames 2-4 identical: merged in the file
+    for name, v in [("still", still), ("paused", paused)]:
+        back = read_video(save_video_gif(v, tmp_path / f"{name}.gif", fps=10))
+        assert back.shape == v.shape, name
+        assert (back - v).abs().max() <= 1 / 255 + 1e-6 or name == "paused"  # palette quantisation of random colours
+        assert torch.equal(back[2], back[3]) and torch.equal(back[3], back[4]) if name == "paused" else True

@@ -144,3 +144,63 @@ def test_bad_input_raises_clear_errors(sd3, sd):
     with pytest.raises(RegistryError, match="unknown model adapter 'nope'"):
         tiny_adapter("nope")
     _ = math
+
+
+# ---------------------------------------------------------------------------- partial chains (InstructVideo)
+def test_noise_to_step_is_the_forward_process(sd3, sd):
+    from mmalign.samplers import noise_to_step
+
+    clean, eps = torch.randn(2, 4, 8, 8, generator=gen(1)), torch.randn(2, 4, 8, 8, generator=gen(2))
+    flow = sd3.schedule(5)
+    for k in range(5):
+        s = float(flow.sigmas[k])
+        torch.testing.assert_close(noise_to_step(flow, clean, k, eps), (1 - s) * clean + s * eps)
+    assert flow.sigmas[0] == 1 and torch.equal(noise_to_step(flow, clean, 0, eps), eps)
+    diff = sd.schedule(5)
+    for k in range(5):  # diffusers' own q(x_t | x_0) at the step's timestep
+        ref = sd.pipeline.scheduler.add_noise(clean, eps, diff.timesteps[k:k + 1].long())
+        torch.testing.assert_close(noise_to_step(diff, clean, k, eps), ref)
+
+
+@pytest.mark.parametrize("fixture, method", [("sd3", "flow_grpo"), ("sd", "ddim")])
+def test_partial_chain_records_only_its_steps_and_recomputes_them(request, fixture, method):
+    adapter = request.getfixturevalue(fixture)
+    k, start = 5, 2
+    cfg = SamplerConfig(method=method, num_steps=k, guidance_scale=2.0, group_size=2, start_step=start,
+                        noise_levels=[0.1, 0.2, 0.3, 0.4, 0.5])
+    clean = torch.randn(adapter.latent_shape(2), generator=gen(3))  # one per prompt, shared by its group
+    r = sample(adapter, PROMPTS[:2], cfg, generator=gen(4), clean_latents=clean)
+    assert r.batch_size == 4 and r.num_steps == k - start and r.latents.shape[1] == k - start + 1
+    assert r.meta["start_step"] == start and r.stochastic.all() and torch.isfinite(r.log_probs).all()
+    full = adapter.schedule(k)
+    torch.testing.assert_close(r.timesteps, full.timesteps[start:])
+    lp = log_prob(adapter, r)  # steps of the rollout map to schedule steps start + k (noise levels included)
+    assert torch.equal(lp.log_probs, r.log_probs)
+    # a noise level changed at a skipped step changes nothing; at a run step it changes the density
+    skipped = SamplerConfig(**{**r.meta["sampler"], "noise_levels": [9.0, 9.0, 0.3, 0.4, 0.5]})
+    assert torch.equal(log_prob(adapter, r, config=skipped).log_probs, r.log_probs)
+    moved = SamplerConfig(**{**r.meta["sampler"], "noise_levels": [0.1, 0.2, 0.9, 0.4, 0.5]})
+    assert not torch.equal(log_prob(adapter, r, config=moved).log_probs[:, 0], r.log_probs[:, 0])
+    # the group's rows start from the same clean latent with different noise
+    x_start = r.latents[:, 0]
+    assert not torch.equal(x_start[0], x_start[1])
+
+
+def test_partial_chain_bad_input(sd3):
+    with pytest.raises(ValueError, match="start_step must be an integer in"):
+        SamplerConfig(num_steps=3, start_step=3)
+    with pytest.raises(ValueError, match="ends before start_step"):
+        SamplerConfig(num_steps=6, start_step=3, sde_window=(0, 2))
+    cfg = SamplerConfig(num_steps=3, start_step=1)
+    with pytest.raises(ValueError, match="pass clean_latents"):
+        sample(sd3, PROMPTS[:1], cfg)
+    with pytest.raises(ValueError, match="clean_latents have shape"):
+        sample(sd3, PROMPTS[:2], cfg, clean_latents=torch.randn(3, *sd3.latent_shape(1)[1:]))
+    with pytest.raises(ValueError, match="NaN"):
+        sample(sd3, PROMPTS[:1], cfg, clean_latents=torch.full(sd3.latent_shape(1), float("nan")))
+    with pytest.raises(ValueError, match="only used by a partial chain"):
+        sample(sd3, PROMPTS[:1], SamplerConfig(num_steps=3), clean_latents=torch.zeros(sd3.latent_shape(1)))
+    r = sample(sd3, PROMPTS[:1], SamplerConfig(method="flow_grpo", num_steps=3, start_step=1),
+               clean_latents=torch.zeros(sd3.latent_shape(1)), generator=gen())
+    with pytest.raises(ValueError, match="starts at step 0, the rollout at step 1"):
+        log_prob(sd3, r, config=SamplerConfig(method="flow_grpo", num_steps=3))

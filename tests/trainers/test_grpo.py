@@ -134,3 +134,67 @@ def test_mmalign_train_runs_the_tiny_recipe(tmp_path, capsys):
     assert (out / "eval/step_00000000.png").is_file() and (out / "eval/step_00000001.png").is_file()
     ckpt = out / "checkpoints" / (out / "checkpoints/latest").read_text().strip()
     assert ckpt.name == "step_00000001" and all("lora" in k for k in load_file(str(ckpt / "trained.safetensors")))
+
+
+def _media_dataset(tmp_path, modality, n=3, frames=9, size=16):
+    """A JSONL dataset of ``n`` prompt/media records (PNG images or GIF clips) written to ``tmp_path``."""
+    from mmalign.media import save_image, save_video_gif
+
+    lines = []
+    for i in range(n):
+        g = torch.Generator().manual_seed(i)
+        if modality == "image":
+            save_image(torch.rand(3, size, size, generator=g), tmp_path / f"m{i}.png")
+            lines.append({"prompt": TINY["prompts"]["prompts"][i], "image": f"m{i}.png", "category": "c"})
+        else:
+            save_video_gif(torch.rand(frames, 3, size, size, generator=g), tmp_path / f"m{i}.gif")
+            lines.append({"prompt": TINY["prompts"]["prompts"][i], "video": f"m{i}.gif"})
+    path = tmp_path / "media.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("model, modality", [("tiny:sd3", "image"), ("tiny:wan", "video")])
+def test_partial_chain_grpo_trains_on_the_remaining_steps(tmp_path, model, modality):
+    """InstructVideo partial chains: rollouts start from dataset media noised to start_step, only the
+    remaining steps are sampled and trained, the first ratio is exactly 1 and the weights move."""
+    data = _media_dataset(tmp_path, modality, size=32 if modality == "image" else 16)
+    video = [{"name": "video_frames", "options": {"image_reward": "jpeg_size", "k": 3}}]
+    t = trainer(tmp_path, f"model.name={model}", "sampler.num_steps=4", "sampler.start_step=2",
+                f"grpo.partial_chain_dataset={data}", "max_steps=2", *([f"rewards={json.dumps(video)}"] if modality == "video" else []))
+    assert len(t.chain_records) == 3
+    before = {n: p.detach().clone() for n, p in t.named_trainable}
+    hist = t.fit()
+    assert all(h["timesteps"] == 2 for h in hist) and hist[0]["first_ratio_max_dev"] == 0.0
+    assert all(math.isfinite(h["loss"]) for h in hist)
+    assert any(not torch.equal(before[n], p.detach()) for n, p in t.named_trainable)
+    rollout = t.sample_partial_chains(0, t.step_sampler(0))
+    assert rollout.num_steps == 2 and rollout.meta["start_step"] == 2
+    # random SDE windows (Flow-GRPO-Fast) fall among the sampled steps
+    (tmp_path / "w").mkdir()
+    t = trainer(tmp_path / "w", f"model.name={model}", "sampler.num_steps=4", "sampler.start_step=2",
+                f"grpo.partial_chain_dataset={data}", "grpo.sde_window_size=1", *([f"rewards={json.dumps(video)}"] if modality == "video" else []))
+    assert {t.step_sampler(s).sde_window for s in range(20)} == {(2, 3), (3, 4)}
+
+
+def test_partial_chain_config_and_data_errors(tmp_path):
+    data = _media_dataset(tmp_path, "image", size=32)
+    with pytest.raises(ValueError, match="set grpo.partial_chain_dataset"):
+        trainer(tmp_path, "sampler.start_step=1")
+    with pytest.raises(ValueError, match="set sampler.start_step > 0"):
+        trainer(tmp_path, f"grpo.partial_chain_dataset={data}")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        trainer(tmp_path, "sampler.start_step=1", f"grpo.partial_chain_dataset={tmp_path / 'none.jsonl'}")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "a cat", "video": "m0.png"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: missing key\(s\) image"):
+        trainer(tmp_path, "sampler.start_step=1", f"grpo.partial_chain_dataset={bad}")
+    short = _media_dataset(tmp_path / "v", "video", frames=5) if (tmp_path / "v").mkdir() is None else None
+    t = trainer(tmp_path, "model.name=tiny:wan", "sampler.start_step=1", f"grpo.partial_chain_dataset={short}")
+    with pytest.raises(ValueError, match="has 5 frames, the model makes 9"):
+        t.fit()
+    from mmalign.samplers import SamplerConfig
+    from mmalign.trainers.dense_grpo import DenseGRPOTrainConfig
+
+    with pytest.raises(ValueError, match="partial chains are supported by algorithm grpo only"):
+        DenseGRPOTrainConfig(out=str(tmp_path), sampler=SamplerConfig(method="flow_grpo", num_steps=3, start_step=1))

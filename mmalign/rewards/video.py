@@ -267,10 +267,6 @@ def load_video_frames(
 # ----------------------------------------------------------------------------- temporal consistency
 
 
-
-
-
-
 def _accepts_kw(module: nn.Module, name: str) -> bool:
     import inspect
 

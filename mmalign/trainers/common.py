@@ -832,6 +832,18 @@ class MetricsLogger:
             except ImportError:
                 print_fn("logging.wandb is on but wandb is not installed: skipping it")
 
+    def set_aside_previous_run(self) -> Path | None:
+        """A run starting from step 0 in a directory that holds an earlier run's ``metrics.jsonl``: move that
+        file to ``metrics.previous-N.jsonl`` (kept, never overwritten) so this run's report and curves read
+        only this run. Returns the new path of the old file, or None."""
+        if not self.enabled or not self.path.is_file() or self.path.stat().st_size == 0:
+            return None
+        n = 1
+        while (target := self.path.with_name(f"metrics.previous-{n}.jsonl")).exists():
+            n += 1
+        self.path.rename(target)
+        return target
+
     def log(self, metrics: dict[str, Any], step: int, kind: str = "train") -> None:
         if not self.enabled:
             return
@@ -929,6 +941,10 @@ class Trainer:
                 self.log(f"resume={config.resume!r}: no checkpoint under {self.ckpt_dir} yet, starting from step 0")
             else:
                 self.load_checkpoint(path)
+        if self.step == 0:
+            moved = self.logger.set_aside_previous_run()
+            if moved is not None:
+                self.log(f"{self.out / 'metrics.jsonl'} held an earlier run's metrics: moved to {moved.name}")
 
     # ------------------------------------------------------------------ hooks for subclasses
     def check_setup(self, rewards: Sequence[Any] | None) -> None:

@@ -209,6 +209,25 @@ def test_resume_latest_starts_fresh_when_there_is_no_checkpoint(tmp_path):
         quiet(tiny_config(tmp_path, f"resume={tmp_path / 'nowhere'}"))
 
 
+def test_a_fresh_run_in_a_used_directory_sets_the_old_metrics_aside(tmp_path):
+    """A run from step 0 into a directory with an earlier run's metrics.jsonl keeps that file (renamed) and
+    writes only its own rows, so its report's "before" is its own first evaluation; a resumed run appends."""
+    import json
+
+    def rows(path):
+        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+    quiet(tiny_config(tmp_path, "max_steps=1", "checkpoint.every=1")).fit()
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    first = rows(metrics)
+    quiet(tiny_config(tmp_path, "max_steps=1")).fit()
+    assert (tmp_path / "run" / "metrics.previous-1.jsonl").is_file() and rows(tmp_path / "run" / "metrics.previous-1.jsonl") == first
+    assert len([r for r in rows(metrics) if r.get("kind") == "train"]) == 1
+    quiet(tiny_config(tmp_path, "max_steps=2", "resume=latest")).fit()  # resumes the checkpoint of step 1: appends
+    assert not (tmp_path / "run" / "metrics.previous-2.jsonl").exists()
+    assert [r["step"] for r in rows(metrics) if r.get("kind") == "train"] == [1, 2]
+
+
 # ----------------------------------------------------------------------------- model setups
 def test_full_finetuning_keeps_a_frozen_reference(tmp_path):
     cfg = tiny_config(tmp_path, "model.name=tiny:sd", "sampler.method=ddim", "sampler.eta=1.0", "lora.enabled=false",

@@ -265,7 +265,21 @@ def cmd_train(args) -> int:
     if trainer.is_main:
         print(f"trained {cfg.algorithm} for {trainer.step} steps; metrics in {trainer.out / 'metrics.jsonl'}, "
               f"checkpoints in {trainer.ckpt_dir}")
+    _end_process_group()
     return 0
+
+
+def _end_process_group() -> None:
+    """Leave a multi-process run in step and tear its process group down before the interpreter exits: left
+    to interpreter shutdown, gloo's threads can abort a rank ("terminate called without an active exception")
+    after the run itself has finished."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def cmd_list(args) -> int:

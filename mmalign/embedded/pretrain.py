@@ -2,7 +2,7 @@
 
 Subcommands::
 
-    python -m mmalign.embedded.pretrain sd3  --out assets/shapeworld-sd3  [--steps 6000 ...]
+    python -m mmalign.embedded.pretrain sd3  --out assets/shapeworld-sd3  [--steps 10000 --max-minutes 52 ...]   (the shipped run)
     python -m mmalign.embedded.pretrain clip --out assets/shapeworld-clip [--steps 1500 ...]
     python -m mmalign.embedded.pretrain eval-sd3  --model assets/shapeworld-sd3   (re-measure, rewrite card)
     python -m mmalign.embedded.pretrain eval-clip --model assets/shapeworld-clip

@@ -436,6 +436,13 @@ def make_generator(seed: int, *keys: int | str) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(seed, *keys))
 
 
+@torch.no_grad()
+def decoded_media_shape(adapter) -> tuple[int, ...]:
+    """The shape of one decoded sample (image 3,H,W; video T,3,H,W; audio C,N), from decoding zero latents:
+    the size dataset media must be brought to."""
+    return tuple(adapter.decode(torch.zeros(adapter.latent_shape(1), device=adapter.device)).shape[1:])
+
+
 def cat_rollouts(parts: Sequence[Rollout]) -> Rollout:
     """Concatenate rollouts of one sampler config along the batch (per-row fields joined; the
     schedule, step flags and meta taken from the first). ``group_ids`` are kept as they are."""

@@ -39,7 +39,7 @@ from ..models.base import Conditioning
 from ..samplers import SamplerConfig, log_prob, random_sde_window
 from ..types import Rollout
 from .advantages import aggregate_rewards
-from .common import PromptSource, TrainConfig, Trainer, make_generator, tensor_stats
+from .common import PromptSource, TrainConfig, Trainer, decoded_media_shape, make_generator, tensor_stats
 from .losses import latent_kl, ppo_clip_loss
 
 
@@ -191,7 +191,7 @@ class GRPOTrainer(Trainer):
                                                     "grpo.partial_chain_dataset")
             self.log(f"partial chains from step {self.cfg.sampler.start_step} of {self.cfg.sampler.num_steps}: "
                      f"{len(self.chain_records)} records from {self.cfg.grpo.partial_chain_dataset}")
-            self._media_size = tuple(self.adapter.decode(torch.zeros(self.adapter.latent_shape(1), device=self.adapter.device)).shape[1:])
+            self._media_size = decoded_media_shape(self.adapter)
 
     def updates_per_step(self) -> int:
         g = self.cfg.grpo

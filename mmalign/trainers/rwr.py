@@ -50,7 +50,7 @@ from torch import Tensor
 from ..rewards.preprocess import resize_cover_crop
 from ..samplers import SamplerConfig
 from .advantages import aggregate_rewards, group_advantages
-from .common import PromptSource, TrainConfig, Trainer, make_generator, tensor_stats
+from .common import PromptSource, TrainConfig, Trainer, decoded_media_shape, make_generator, tensor_stats
 from .losses import denoising_loss, diffusion_target, flow_matching_target, rwr_weights, weighted_denoising_loss
 from .prdp import score_rollout
 
@@ -256,8 +256,7 @@ class RWRTrainer(Trainer):
             ids = {p: i for i, p in enumerate(dict.fromkeys(x.prompt for x in self.records))}
             group_ids = torch.tensor([ids[x.prompt] for x in self.records])
             self.dataset_weights = self.weights(rewards, group_ids)
-            with torch.no_grad():  # the decoded size of the model's latents: what images must match
-                self.image_hw = tuple(self.adapter.decode(torch.zeros(self.adapter.latent_shape(1), device=self.adapter.device)).shape[-2:])
+            self.image_hw = decoded_media_shape(self.adapter)[-2:]  # what the dataset's images must match
 
     def updates_per_step(self) -> int:
         r = self.cfg.rwr

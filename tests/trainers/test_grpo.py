@@ -189,7 +189,8 @@ def test_partial_chain_config_and_data_errors(tmp_path):
     bad.write_text(json.dumps({"prompt": "a cat", "video": "m0.png"}) + "\n")
     with pytest.raises(ValueError, match=r"bad.jsonl:1: missing key\(s\) image"):
         trainer(tmp_path, "sampler.start_step=1", f"grpo.partial_chain_dataset={bad}")
-    short = _media_dataset(tmp_path / "v", "video", frames=5) if (tmp_path / "v").mkdir() is None else None
+    (tmp_path / "v").mkdir()
+    short = _media_dataset(tmp_path / "v", "video", frames=5)
     t = trainer(tmp_path, "model.name=tiny:wan", "sampler.start_step=1", f"grpo.partial_chain_dataset={short}")
     with pytest.raises(ValueError, match="has 5 frames, the model makes 9"):
         t.fit()

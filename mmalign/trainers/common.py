@@ -443,6 +443,79 @@ def decoded_media_shape(adapter) -> tuple[int, ...]:
     return tuple(adapter.decode(torch.zeros(adapter.latent_shape(1), device=adapter.device)).shape[1:])
 
 
+@dataclass
+class MediaRecord:
+    """One line of a prompt + media dataset (GRPO partial chains, RWR's scored dataset): the prompt,
+    its media file, its reward when the dataset is scored, a category, and ``file.jsonl:LINE``."""
+
+    prompt: str
+    media: Path
+    category: str
+    source: str
+    reward: float | None = None
+
+
+def read_media_dataset(path: str | os.PathLike, modality: str, what: str, *, scored: bool = False) -> list[MediaRecord]:
+    """Records of a JSONL file of ``{"prompt": ..., "<modality>": path[, "reward": x][, "category": ...]}``
+    lines (``modality`` image or video; ``reward`` required when ``scored``). ``what`` names the option
+    in errors. ValueError naming the file and line of a bad one (missing key, wrong type, missing media
+    file, non-finite reward); FileNotFoundError for a missing file."""
+    from ..rewards.judge import _resolve_media, read_jsonl_objects
+
+    if modality not in ("image", "video"):
+        raise NotImplementedError(f"{what}: datasets hold images or videos; this model makes {modality}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: {str(path)!r} does not exist")
+    records = []
+    for where, rec in read_jsonl_objects(path, ("prompt", modality) + (("reward",) if scored else ())):
+        if not isinstance(rec["prompt"], str) or not rec["prompt"].strip():
+            raise ValueError(f"{where}: prompt must be a non-empty string")
+        if not isinstance(rec[modality], str):
+            raise ValueError(f"{where}: {modality} must be a file path string")
+        reward = None
+        if scored:
+            reward = rec["reward"]
+            if isinstance(reward, bool) or not isinstance(reward, (int, float)) or not math.isfinite(reward):
+                raise ValueError(f"{where}: reward must be a finite number, got {reward!r}")
+            reward = float(reward)
+        category = rec.get("category", "all")
+        if not isinstance(category, str):
+            raise ValueError(f"{where}: category must be a string, got {type(category).__name__}")
+        media = _resolve_media(path.parent, rec[modality], where, modality)
+        records.append(MediaRecord(rec["prompt"], media, category, where, reward))
+    if not records:
+        raise ValueError(f"{what}: {path} holds no records")
+    return records
+
+
+def fit_image(image: Tensor, height: int, width: int) -> Tensor:
+    """3,h,w -> 3,height,width: resize the shorter side (bilinear, antialiased), then centre-crop."""
+    from ..rewards.preprocess import resize_cover_crop
+
+    return resize_cover_crop(image, (height, width), "bilinear").clamp(0, 1)
+
+
+def fit_media(record: MediaRecord, modality: str, size: tuple[int, ...], *, resize_option: str | None = None) -> Tensor:
+    """The record's media at the model's ``size`` (image 3,H,W; video T,3,H,W), in [0, 1]: frames resized
+    (shorter side, then centre crop); a video's frame count must match. ``resize_option``: the name of a
+    switched-off option that would allow resizing; when given, a size mismatch is an error naming it."""
+    from ..media import load_media
+
+    (item,), (why,) = load_media([record.media], modality)
+    if why is not None:
+        raise ValueError(f"{record.source}: {modality} {str(record.media)!r} cannot be used: {why}")
+    if modality == "video" and item.shape[0] != size[0]:
+        raise ValueError(f"{record.source}: video {str(record.media)!r} has {item.shape[0]} frames, the model makes {size[0]}")
+    height, width = size[-2:]
+    if tuple(item.shape[-2:]) != (height, width):
+        if resize_option is not None:
+            raise ValueError(f"{record.source}: {modality} {str(record.media)!r} is {item.shape[-1]}x{item.shape[-2]}, the model "
+                             f"makes {width}x{height} (resize the data, or set {resize_option}: true)")
+        item = torch.stack([fit_image(f, height, width) for f in item]) if modality == "video" else fit_image(item, height, width)
+    return item
+
+
 def cat_rollouts(parts: Sequence[Rollout]) -> Rollout:
     """Concatenate rollouts of one sampler config along the batch (per-row fields joined; the
     schedule, step flags and meta taken from the first). ``group_ids`` are kept as they are."""

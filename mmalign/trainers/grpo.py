@@ -26,10 +26,8 @@ is trainable as usual.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar, Literal, Sequence
 
 import torch
@@ -39,7 +37,7 @@ from ..models.base import Conditioning
 from ..samplers import SamplerConfig, log_prob, random_sde_window
 from ..types import Rollout
 from .advantages import aggregate_rewards
-from .common import PromptSource, TrainConfig, Trainer, decoded_media_shape, make_generator, tensor_stats
+from .common import PromptSource, TrainConfig, Trainer, decoded_media_shape, fit_media, make_generator, read_media_dataset, tensor_stats
 from .losses import latent_kl, ppo_clip_loss
 
 
@@ -364,59 +362,4 @@ class GRPOTrainer(Trainer):
             stats["kl"] = float(kl.detach())
         stats["loss"] = float(loss.detach())
         return loss, stats
-
-
-# ============================================================================ partial-chain media
-
-
-@dataclass
-class MediaRecord:
-    """One line of a media dataset: a prompt, its media file, a category, and ``file:LINE``."""
-
-    prompt: str
-    media: Path
-    category: str
-    source: str
-
-
-def read_media_dataset(path: str | os.PathLike, modality: str, what: str) -> list[MediaRecord]:
-    """Records of a JSONL file of ``{"prompt": ..., "<modality>": path[, "category": ...]}`` lines
-    (``image`` or ``video``); ValueError naming the file and line of a bad one."""
-    from ..rewards.judge import _resolve_media, read_jsonl_objects
-
-    if modality not in ("image", "video"):
-        raise NotImplementedError(f"{what}: partial chains start from images or videos; this model makes {modality}")
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what}: {str(path)!r} does not exist")
-    records = []
-    for where, rec in read_jsonl_objects(path, ("prompt", modality)):
-        if not isinstance(rec["prompt"], str) or not rec["prompt"].strip():
-            raise ValueError(f"{where}: prompt must be a non-empty string")
-        if not isinstance(rec[modality], str):
-            raise ValueError(f"{where}: {modality} must be a file path string")
-        category = rec.get("category", "all")
-        if not isinstance(category, str):
-            raise ValueError(f"{where}: category must be a string, got {type(category).__name__}")
-        records.append(MediaRecord(rec["prompt"], _resolve_media(path.parent, rec[modality], where, modality), category, where))
-    if not records:
-        raise ValueError(f"{what}: {path} holds no records")
-    return records
-
-
-def fit_media(record: MediaRecord, modality: str, size: tuple[int, ...]) -> Tensor:
-    """The record's media at the model's ``size`` (image 3,H,W; video T,3,H,W), in [0, 1]: frames resized
-    (shorter side, then centre crop); a video's frame count must match."""
-    from ..media import load_media
-    from .rwr import fit_image
-
-    (item,), (why,) = load_media([record.media], modality)
-    if why is not None:
-        raise ValueError(f"{record.source}: {modality} {str(record.media)!r} cannot be used: {why}")
-    if modality == "video" and item.shape[0] != size[0]:
-        raise ValueError(f"{record.source}: video {str(record.media)!r} has {item.shape[0]} frames, the model makes {size[0]}")
-    height, width = size[-2:]
-    if tuple(item.shape[-2:]) != (height, width):
-        item = torch.stack([fit_image(f, height, width) for f in item]) if modality == "video" else fit_image(item, height, width)
-    return item
 

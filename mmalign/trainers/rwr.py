@@ -37,20 +37,16 @@ behaviour where the weights say nothing). The prediction is conditional only (``
 from __future__ import annotations
 
 import dataclasses
-import math
-import os
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import torch
 from torch import Tensor
 
-from ..rewards.preprocess import resize_cover_crop
 from ..samplers import SamplerConfig
 from .advantages import aggregate_rewards, group_advantages
-from .common import PromptSource, TrainConfig, Trainer, decoded_media_shape, make_generator, tensor_stats
+from .common import MediaRecord, PromptSource, TrainConfig, Trainer, decoded_media_shape, fit_media, make_generator, read_media_dataset, tensor_stats
 from .losses import denoising_loss, diffusion_target, flow_matching_target, rwr_weights, weighted_denoising_loss
 from .prdp import score_rollout
 
@@ -153,45 +149,6 @@ class RWRTrainConfig(TrainConfig):
 # ============================================================================ the scored dataset
 
 
-@dataclass
-class ScoredRecord:
-    prompt: str
-    image: Path
-    reward: float
-    category: str
-    source: str  # "file.jsonl:LINE"
-
-
-def read_scored_dataset(path: str | os.PathLike) -> list[ScoredRecord]:
-    """Records of a JSONL scored dataset; ValueError naming the file and line of a bad one (missing key,
-    wrong type, missing image file, non-finite reward)."""
-    from ..rewards.judge import _resolve_media, read_jsonl_objects
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"rwr.dataset: {str(path)!r} does not exist")
-    records = []
-    for where, rec in read_jsonl_objects(path, ("prompt", "image", "reward")):
-        if not isinstance(rec["prompt"], str) or not isinstance(rec["image"], str):
-            raise ValueError(f"{where}: prompt and image must be strings")
-        reward = rec["reward"]
-        if isinstance(reward, bool) or not isinstance(reward, (int, float)) or not math.isfinite(reward):
-            raise ValueError(f"{where}: reward must be a finite number, got {reward!r}")
-        category = rec.get("category", "all")
-        if not isinstance(category, str):
-            raise ValueError(f"{where}: category must be a string, got {type(category).__name__}")
-        image = _resolve_media(path.parent, rec["image"], where, "image")
-        records.append(ScoredRecord(rec["prompt"], image, float(reward), category, where))
-    if not records:
-        raise ValueError(f"rwr.dataset: {path} holds no records")
-    return records
-
-
-def fit_image(image: Tensor, height: int, width: int) -> Tensor:
-    """3,h,w -> 3,height,width: resize the shorter side (bilinear, antialiased), then centre-crop."""
-    return resize_cover_crop(image, (height, width), "bilinear").clamp(0, 1)
-
-
 def training_schedule(adapter, num_points: int):
     """The noise levels denoising-loss training draws from, as a :class:`~mmalign.models.base.Schedule`
     (only ``timesteps`` and ``sigmas`` / ``alphas_cumprod`` of the first K points are used).
@@ -233,7 +190,7 @@ class RWRTrainer(Trainer):
                 raise ValueError(f"rwr.prompts_per_step {r.prompts_per_step} must be a multiple of the number of processes {self.world_size}")
             rows = r.prompts_per_step // self.world_size * r.group_size
             self.prompt_source = PromptSource(cfg.prompts)
-            self.records: list[ScoredRecord] = []
+            self.records: list[MediaRecord] = []
         else:
             if trained:
                 raise ValueError("rewards: dataset mode trains on the dataset's rewards; list rewards to watch under "
@@ -241,7 +198,7 @@ class RWRTrainer(Trainer):
             if r.batch_size % self.world_size:
                 raise ValueError(f"rwr.batch_size {r.batch_size} must be a multiple of the number of processes {self.world_size}")
             rows = r.batch_size // self.world_size
-            self.records = read_scored_dataset(r.dataset)
+            self.records = read_media_dataset(r.dataset, "image", "rwr.dataset", scored=True)
             self.log(f"rwr dataset: {len(self.records)} records from {r.dataset}")
         if rows % r.num_minibatches:
             raise ValueError(f"{rows} rows per process do not split into rwr.num_minibatches={r.num_minibatches}")
@@ -362,8 +319,6 @@ class RWRTrainer(Trainer):
 
     def dataset_batch(self, step: int) -> tuple[Tensor, Any, Tensor, dict[str, Any]]:
         """This step's records: (x0 b,*L encoded by the VAE, conditioning, weights b, metrics)."""
-        from ..media import load_media
-
         cfg, r = self.cfg, self.cfg.rwr
         n = len(self.records)
         gen = make_generator(cfg.seed, "records", step)
@@ -371,18 +326,8 @@ class RWRTrainer(Trainer):
                else torch.randint(0, n, (r.batch_size,), generator=gen))
         local, _ = self.shard(idx.tolist())
         recs = [self.records[i] for i in local]
-        images, reasons = load_media([x.image for x in recs], "image")
-        height, width = self.image_hw
-        fitted = []
-        for rec, img, why in zip(recs, images, reasons):
-            if why is not None:
-                raise ValueError(f"{rec.source}: image {str(rec.image)!r} cannot be used: {why}")
-            if tuple(img.shape[-2:]) != (height, width):
-                if not r.resize:
-                    raise ValueError(f"{rec.source}: image {str(rec.image)!r} is {img.shape[-1]}x{img.shape[-2]}, the model makes "
-                                     f"{width}x{height} (resize the data, or set rwr.resize: true)")
-                img = fit_image(img, height, width)
-            fitted.append(img)
+        size = (3, *self.image_hw)
+        fitted = [fit_media(x, "image", size, resize_option=None if r.resize else "rwr.resize") for x in recs]
         with torch.no_grad(), self.autocast():
             x0 = self.adapter.encode_images(torch.stack(fitted).to(self.adapter.device)).float()
             cond = self.adapter.encode_in_chunks([x.prompt for x in recs], None, self.train_guidance(), cfg.sampler.micro_batch)

@@ -15,7 +15,8 @@ from mmalign.embedded.shapeworld import COLORS, Obj, Scene, render
 from mmalign.media import save_image
 from mmalign.rewards import CallableReward
 from mmalign.trainers import load_train_config
-from mmalign.trainers.rwr import RWRTrainer, fit_image
+from mmalign.trainers.common import fit_image
+from mmalign.trainers.rwr import RWRTrainer
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = {
@@ -192,7 +193,7 @@ def dataset_trainer(tmp_path, data, *overrides):
 def test_dataset_mode_trains_on_a_scored_jsonl(tmp_path):
     data = _dataset(tmp_path / "d", [0.1, 0.9, 0.4, 0.2, 0.7, 0.3])
     t = dataset_trainer(tmp_path, data, "max_steps=2", "rwr.weight_scope=batch", "rwr.num_minibatches=2")
-    assert len(t.records) == 6 and t.records[1].image == tmp_path / "d/img/1.png"  # paths relative to the file
+    assert len(t.records) == 6 and t.records[1].media == tmp_path / "d/img/1.png"  # paths relative to the file
     assert t.dataset_weights.mean().item() == pytest.approx(1.0) and int(t.dataset_weights.argmax()) == 1
     assert [c for c, _ in t.eval_prompts()] == ["all", "all"]  # no eval / train prompts: the dataset's
     before = {n: p.detach().clone() for n, p in t.named_trainable}

@@ -2,6 +2,7 @@
 
     python -m mmalign.embedded.algorithm_table --minutes 5            # all image recipes, one after another
     python -m mmalign.embedded.algorithm_table --minutes 5 --only grpo,rwr --out runs/table
+    python -m mmalign.embedded.algorithm_table --minutes 5 --only grpo --set optim.lr=1e-3 --tag _lr1e-3   # a variant
     python -m mmalign.embedded.algorithm_table --world video --minutes 5   # MovingShapes (Wan): grpo, dpo, rwr, reward_backprop
     python -m mmalign.embedded.algorithm_table --world audio --minutes 5   # ToneWorld (AudioLDM): the same four
 
@@ -92,10 +93,11 @@ def common_overrides(world: World) -> list[str]:
 COMMON = common_overrides(WORLDS["image"])
 
 
-def command(name: str, minutes: float, out: Path, extra: Sequence[str] = (), world: str = "image") -> list[str]:
+def command(name: str, minutes: float, out: Path, extra: Sequence[str] = (), world: str = "image", tag: str = "") -> list[str]:
+    """The ``mmalign train`` command of one table run (``extra`` overrides last, so they win)."""
     w = WORLDS[world]
     return [sys.executable, "-m", "mmalign", "train", "--config", w.recipes[name], f"max_minutes={minutes:g}",
-            f"out={out / name}", *common_overrides(w), *extra]
+            f"out={out / (name + tag)}", *common_overrides(w), *extra]
 
 
 def _cell(ev: dict, key: str, fmt: str = "{:.3f}") -> str:
@@ -134,7 +136,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--only", default=None, help="comma-separated subset of the world's algorithms")
     p.add_argument("--out", default=None, help="parent output directory (default runs/table, runs/table_video, runs/table_audio)")
     p.add_argument("--report-only", action="store_true", help="print the table from existing runs")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra config override for every run (repeatable), e.g. --set optim.lr=1e-3")
+    p.add_argument("--tag", default="", help="suffix of each run's directory and row name (for variants made with --set)")
     args = p.parse_args(argv)
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        p.error(f"--set takes KEY=VALUE, got {bad}")
     recipes = WORLDS[args.world].recipes
     names = list(recipes) if args.only is None else [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = [n for n in names if n not in recipes]
@@ -144,20 +152,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--minutes must be > 0")
     out = Path(args.out or ("runs/table" if args.world == "image" else f"runs/table_{args.world}"))
     for name in names if not args.report_only else []:
-        cmd = command(name, args.minutes, out, world=args.world)
+        cmd = command(name, args.minutes, out, args.overrides, world=args.world, tag=args.tag)
         print("$ " + " ".join(shlex.quote(c) for c in cmd[1:]).replace("-m mmalign", "mmalign", 1), flush=True)
         t0 = time.time()
         res = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        (out / name).mkdir(parents=True, exist_ok=True)
-        (out / name / "stdout.txt").write_text(res.stdout)
+        (out / (name + args.tag)).mkdir(parents=True, exist_ok=True)
+        (out / (name + args.tag) / "stdout.txt").write_text(res.stdout)
         print(f"  {name}: exit {res.returncode} in {time.time() - t0:.0f} s", flush=True)
         if res.returncode != 0:
             print("\n".join(res.stdout.splitlines()[-15:]), flush=True)
     print(header(args.world))
     for name in names:
-        run = out / name
+        run = out / (name + args.tag)
         if (run / "report.json").is_file():
-            print(table_row(name, run, args.world))
+            print(table_row(name + args.tag + "".join(f" {o}" for o in args.overrides), run, args.world))
         else:
             print(f"| {name} | (no report: see {run / 'stdout.txt'}) |")
     return 0

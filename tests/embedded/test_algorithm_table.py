@@ -52,3 +52,13 @@ def test_bad_arguments():
         at.main(["--minutes", "0"])
     with pytest.raises(SystemExit):
         at.main(["--world", "audio", "--only", "prdp"])
+    with pytest.raises(SystemExit):
+        at.main(["--only", "grpo", "--set", "optim.lr"])
+
+
+def test_set_overrides_come_last_and_tag_names_the_run(tmp_path):
+    cmd = at.command("grpo", 2, tmp_path, ["optim.lr=1e-3", "threads=2"], tag="_fast")
+    assert cmd[cmd.index("--config") + 1] == at.RECIPES["grpo"] and f"out={tmp_path / 'grpo_fast'}" in cmd
+    assert cmd[-2:] == ["optim.lr=1e-3", "threads=2"]  # after the common overrides, so they win
+    cfg = load_train_config(ROOT / at.RECIPES["grpo"], cmd[cmd.index("--config") + 2:])
+    assert cfg.optim.lr == 1e-3 and cfg.threads == 2 and cfg.max_minutes == 2.0

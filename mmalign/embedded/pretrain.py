@@ -2,7 +2,7 @@
 
 Subcommands::
 
-    python -m mmalign.embedded.pretrain sd3  --out assets/shapeworld-sd3  [--steps 10000 --max-minutes 52 ...]   (the shipped run)
+    python -m mmalign.embedded.pretrain sd3  --out assets/shapeworld-sd3  [--steps 8000 --max-minutes 45 ...]   (the shipped run: its defaults)
     python -m mmalign.embedded.pretrain clip --out assets/shapeworld-clip [--steps 1500 ...]
     python -m mmalign.embedded.pretrain eval-sd3  --model assets/shapeworld-sd3   (re-measure, rewrite card)
     python -m mmalign.embedded.pretrain eval-clip --model assets/shapeworld-clip
@@ -1321,7 +1321,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vae-max-minutes", type=float, default=5.0)
     s.add_argument("--vae-stop-at-step", type=int, default=None,
                    help="stop the VAE after this many steps (schedule still spans --vae-steps): replays a time-capped run")
-    s.add_argument("--steps", type=int, default=10000, help="transformer steps")
+    s.add_argument("--steps", type=int, default=8000, help="transformer steps")
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--lr", type=float, default=4e-4)
     s.add_argument("--text-lr", type=float, default=2e-4)
@@ -1331,7 +1331,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="zero T5 tokens the pipeline feeds (its max_sequence_length; 1 is 4x cheaper than the pipeline default 256)")
     s.add_argument("--init-from", default=None,
                    help="continue training a directory written by `pretrain sd3` (keeps its VAE; new schedule, new data from --seed)")
-    s.add_argument("--max-minutes", type=float, default=52.0, help="stop training early past this wall time (VAE included)")
+    s.add_argument("--max-minutes", type=float, default=45.0, help="stop training early past this wall time (VAE included)")
     s.add_argument("--stop-at-step", type=int, default=None, help="stop the transformer after this many steps (schedule still spans --steps): replays a time-capped run")
     sd3_eval_opts(s)
 

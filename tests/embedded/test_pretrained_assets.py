@@ -309,3 +309,16 @@ def test_rollout_bench_on_the_shipped_model_uses_its_token_count():
     lines.clear()
     run_rollout_bench(RolloutBenchConfig(model=str(SD3_DIR), max_sequence_length=3, num_steps=1, batch_size=1, repeats=1), log=lines.append)
     assert "3 T5 tokens" in lines[0]
+
+
+def test_shipped_sd3_was_trained_with_the_pretrain_defaults():
+    """README's one command (``pretrain sd3 --out assets/shapeworld-sd3``, no other flags) is the shipped run:
+    every recorded hyperparameter equals the parser's default, and the run was not cut by a time limit."""
+    from mmalign.embedded import pretrain
+
+    meta = json.loads((SD3_DIR / "metrics.json").read_text())
+    defaults = vars(pretrain.build_parser().parse_args(["sd3", "--out", "assets/shapeworld-sd3"]))
+    recorded = meta["args"]
+    differing = {k: (recorded[k], defaults[k]) for k in recorded if k in defaults and k not in ("quiet",) and recorded[k] != defaults[k]}
+    assert not differing, differing
+    assert meta["replay_command"] is None and meta["training"]["steps_done"] == recorded["steps"]

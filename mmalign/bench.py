@@ -53,12 +53,17 @@ class RolloutBenchConfig:
     partial_chain_start: int | None = None
     """Also time an InstructVideo partial chain (the SDE rollout started at this step from source media:
     VAE-encode the media, noise them to the step, sample the remaining steps) against the whole SDE chain."""
+    decode_frames: int | None = None
+    """Video models: also time the SDE rollout decoding only its first this-many frames (what a trainer
+    does when every reward reads only those: ``ModelAdapter.decode_prefix``) against decoding them all."""
 
     def __post_init__(self) -> None:
         if self.repeats < 1 or self.num_steps < 1 or self.batch_size < 1:
             raise ValueError("repeats, num_steps and batch_size must be >= 1")
         if self.partial_chain_start is not None and not 0 < self.partial_chain_start < self.num_steps:
             raise ValueError(f"partial_chain_start must be in [1, num_steps={self.num_steps}), got {self.partial_chain_start}")
+        if self.decode_frames is not None and self.decode_frames < 1:
+            raise ValueError(f"decode_frames must be >= 1, got {self.decode_frames}")
 
 
 def _median_seconds(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float]]:
@@ -139,6 +144,18 @@ def run_rollout_bench(cfg: RolloutBenchConfig, log: Callable[[str], None] = prin
                           latents=latents.clone(), clean_latents=clean, generator=torch.Generator().manual_seed(1))
 
         variants[f"mmalign {sde} partial chain from step {cfg.partial_chain_start} (+ VAE encode)"] = partial
+    if cfg.decode_frames:
+        if adapter.modality != "video":
+            raise ValueError(f"decode_frames is for video models; {cfg.model or cfg.family} makes {adapter.modality}")
+
+        def prefix():
+            r = sample(adapter, prompts, SamplerConfig(num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale, method=sde,
+                                                       micro_batch=None, decode=False),
+                       latents=latents.clone(), generator=torch.Generator().manual_seed(1))
+            with torch.no_grad():
+                return adapter.decode_prefix(r.final_latents, cfg.decode_frames)
+
+        variants[f"mmalign {sde} sde, decoding frames 0-{cfg.decode_frames - 1} only"] = prefix
     results = {}
     base = None
     for name, fn in variants.items():
@@ -155,6 +172,12 @@ def run_rollout_bench(cfg: RolloutBenchConfig, log: Callable[[str], None] = prin
         summary["partial_chain_time_fraction"] = part / whole
         log(f"partial chain ({cfg.num_steps - cfg.partial_chain_start} of {cfg.num_steps} steps, VAE encode included): "
             f"{part / whole * 100:.1f}% of the whole SDE chain's time (saves {(1 - part / whole) * 100:.1f}%)")
+    if cfg.decode_frames:
+        whole = results[f"mmalign {sde} sde + log-probs (micro_batch=None)"]["median_s"]
+        part = results[f"mmalign {sde} sde, decoding frames 0-{cfg.decode_frames - 1} only"]["median_s"]
+        summary["prefix_decode_time_fraction"] = part / whole
+        log(f"decoding {cfg.decode_frames} frames ({'causal VAE: a latent prefix' if adapter.causal_frame_decoding else 'not causal: all, then cut'}): "
+            f"{part / whole * 100:.1f}% of the whole SDE rollout's time (saves {(1 - part / whole) * 100:.1f}%)")
     if cfg.json_out:
         with open(cfg.json_out, "w") as f:
             json.dump(summary, f, indent=2)

@@ -309,6 +309,21 @@ class ModelAdapter(ABC):
     def decode(self, latents: Tensor) -> Tensor:
         """Final latents -> canonical media (see module docstring). Differentiable w.r.t. ``latents``."""
 
+    #: True when the VAE decodes video frames causally, so that a latent prefix decodes to exactly the
+    #: first frames of the whole video (:meth:`decode_prefix` then saves work)
+    causal_frame_decoding: ClassVar[bool] = False
+
+    def decode_prefix(self, latents: Tensor, num_frames: int) -> Tensor:
+        """Video latents -> the first ``num_frames`` frames B,num_frames,3,H,W of :meth:`decode`. Here:
+        decode everything, then cut; families with :attr:`causal_frame_decoding` decode only the latent
+        frames those need."""
+        if self.modality != "video":
+            raise ValueError(f"{self.family}: decode_prefix is for video models, this one makes {self.modality}")
+        video = self.decode(latents)
+        if not 1 <= int(num_frames) <= video.shape[1]:
+            raise ValueError(f"num_frames must be in [1, {video.shape[1]}], got {num_frames}")
+        return video[:, : int(num_frames)]
+
     @torch.no_grad()  # the VAE is frozen: encoded images are training data, not trained
     def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Images B,3,H,W in [0,1] (at the adapter's image size) -> latents B,*L in the pipeline's

@@ -289,6 +289,21 @@ class WanAdapter(VideoTransformerAdapter):
         video = (video.float() / 2 + 0.5).clamp(0, 1)
         return video.permute(0, 2, 1, 3, 4).to(latents.device)
 
+    # Wan's VAE is causal in time (causal 3D convolutions run latent frame by latent frame with a cache):
+    # with temporal factor r, latent frame 0 decodes to frame 0 and latent frame j >= 1 to frames
+    # r(j-1)+1..rj, from earlier frames only
+    causal_frame_decoding: ClassVar[bool] = True
+
+    def decode_prefix(self, latents: Tensor, num_frames: int) -> Tensor:
+        """The first ``num_frames`` frames of :meth:`decode`, decoding only the 1 + ceil((n-1)/r) latent
+        frames they come from (latents B,C,F',h,w -> B,n,3,H,W; r = the VAE's temporal factor)."""
+        r = self.pipeline.vae_scale_factor_temporal
+        total = r * (latents.shape[2] - 1) + 1
+        n = int(num_frames)
+        if not 1 <= n <= total:
+            raise ValueError(f"num_frames must be in [1, {total}], got {num_frames}")
+        return self.decode(latents[:, :, : (n - 1 + r - 1) // r + 1])[:, :n]
+
     @torch.no_grad()  # the VAE is frozen: encoded videos are training data
     def encode_media(self, media: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Video B,T,3,H,W in [0, 1] -> latents B,C,F',h,w: the inverse of :meth:`decode`

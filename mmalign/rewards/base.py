@@ -140,6 +140,25 @@ class Reward(nn.Module):
         :attr:`differentiable` is True."""
         raise NotImplementedError
 
+    def frames_needed(self, num_frames: int) -> list[int] | None:
+        """Video rewards: the sorted frame indices of a ``num_frames``-frame video this reward reads,
+        or None for every frame (the default). A rollout may then decode only the prefix up to the
+        last of them (exact for causal video VAEs) and pass ``num_frames=`` with it."""
+        return None
+
+    def check_frame_prefix(self, decoded: int, num_frames: int | None) -> None:
+        """A video of ``decoded`` frames given for a ``num_frames``-frame one: ValueError unless this
+        reward reads only frames inside that prefix."""
+        if num_frames is None or decoded == num_frames:
+            return
+        if decoded > num_frames:
+            raise ValueError(f"{self.name}: {decoded} decoded frames for num_frames={num_frames}")
+        needed = self.frames_needed(num_frames)
+        if needed is None:
+            raise ValueError(f"{self.name} reads every frame of a {num_frames}-frame video, got only the first {decoded}")
+        if max(needed) >= decoded:
+            raise ValueError(f"{self.name} reads frame {max(needed)} of a {num_frames}-frame video, got only the first {decoded}")
+
     # ------------------------------------------------------------------ the call
     @property
     def device(self) -> torch.device:
@@ -166,12 +185,17 @@ class Reward(nn.Module):
         metadata: Sequence[Mapping[str, Any]] | None = None,
         fps: float | None = None,
         sample_rate: int | None = None,
+        num_frames: int | None = None,
     ) -> RewardOutput:
-        """Score a batch. See the module docstring for accepted inputs."""
+        """Score a batch. See the module docstring for accepted inputs. ``num_frames`` (video): the
+        length of the generated videos when ``samples`` hold only their first frames (see
+        :meth:`frames_needed`)."""
         items, reasons = load_media(samples, self.modality, sample_rate=sample_rate)
         batch = len(items)
         if batch == 0:
             raise ValueError(f"{self.name}: no samples to score")
+        for t in {int(x.shape[0]) for x in items if x.numel()} if num_frames is not None else ():
+            self.check_frame_prefix(t, num_frames)
         prompts = _check_texts(prompts, batch, "prompts")
         if "prompt" in self.needs and prompts is None:
             raise ValueError(f"{self.name} needs prompts: pass one per sample")
@@ -203,6 +227,7 @@ class Reward(nn.Module):
                 None if metadata is None else [dict(metadata[i]) for i in idx],
                 fps=fps,
                 sample_rate=sample_rate,
+                **({} if num_frames is None else {"num_frames": int(num_frames)}),
             )
             if out.scores.shape != (len(idx),):
                 raise RuntimeError(f"{self.name}.score returned shape {tuple(out.scores.shape)} for {len(idx)} items")

@@ -380,7 +380,17 @@ class CombinedReward(Reward):
         self.member_names = _unique_names(members)
         self.preprocessing = {n: m.preprocessing for n, m in zip(self.member_names, members)}
 
-    def _call_members(self, samples, prompts, references, metadata, fps, sample_rate) -> tuple[list[RewardOutput], list[str | None], list[str] | None]:
+    def frames_needed(self, num_frames: int) -> list[int] | None:
+        """The union of the members' frames (None when any member reads every frame)."""
+        needed: set[int] = set()
+        for m in self.members:
+            idx = m.frames_needed(num_frames)
+            if idx is None:
+                return None
+            needed.update(idx)
+        return sorted(needed)
+
+    def _call_members(self, samples, prompts, references, metadata, fps, sample_rate, num_frames=None) -> tuple[list[RewardOutput], list[str | None], list[str] | None]:
         items, reasons = load_media(samples, self.modality, sample_rate=sample_rate)
         batch = len(items)
         if batch == 0:
@@ -400,6 +410,8 @@ class CombinedReward(Reward):
         outs = []
         for m in self.members:
             kw: dict[str, Any] = {"fps": fps, "sample_rate": sample_rate}
+            if num_frames is not None:
+                kw["num_frames"] = num_frames
             if "reference" in m.needs:
                 kw["references"] = references
             if "metadata" in m.needs:
@@ -470,8 +482,8 @@ class WeightedSum(CombinedReward):
         self.differentiable = all(m.differentiable for m in self.members) and all(nz.differentiable for nz in self.normalizers)  # type: ignore[misc]
         self.higher_is_better = True  # type: ignore[misc]
 
-    def forward(self, samples, prompts=None, *, references=None, metadata=None, fps=None, sample_rate=None) -> RewardOutput:
-        outs, reasons, prompts = self._call_members(samples, prompts, references, metadata, fps, sample_rate)
+    def forward(self, samples, prompts=None, *, references=None, metadata=None, fps=None, sample_rate=None, num_frames=None) -> RewardOutput:
+        outs, reasons, prompts = self._call_members(samples, prompts, references, metadata, fps, sample_rate, num_frames)
         batch = len(reasons)
         groups = self._groups(prompts, metadata, batch)
         valid = torch.tensor([r is None for r in reasons], dtype=torch.bool)
@@ -533,8 +545,8 @@ class Ensemble(CombinedReward):
         self.higher_is_better = directions.pop()  # type: ignore[misc]
         self.differentiable = all(m.differentiable for m in self.members) and all(nz.differentiable for nz in self.normalizers)  # type: ignore[misc]
 
-    def forward(self, samples, prompts=None, *, references=None, metadata=None, fps=None, sample_rate=None) -> RewardOutput:
-        outs, reasons, prompts = self._call_members(samples, prompts, references, metadata, fps, sample_rate)
+    def forward(self, samples, prompts=None, *, references=None, metadata=None, fps=None, sample_rate=None, num_frames=None) -> RewardOutput:
+        outs, reasons, prompts = self._call_members(samples, prompts, references, metadata, fps, sample_rate, num_frames)
         batch = len(reasons)
         groups = self._groups(prompts, metadata, batch)
         valid = torch.tensor([r is None for r in reasons], dtype=torch.bool)

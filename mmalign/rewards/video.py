@@ -211,8 +211,15 @@ class VideoFramesReward(Reward):
         """The weights of :meth:`frame_indices` (float32, sum 1)."""
         return frame_weights(self.frame_indices(num_frames), num_frames, self.weighting, rate=self.rate)
 
+    def frames_needed(self, num_frames: int) -> list[int]:
+        """Only the sampled frames: a decoder may stop after the last of them."""
+        return sorted(set(self.frame_indices(num_frames)))
+
     def score(self, samples, prompts, references, metadata, **media_info) -> ScoreBatch:
-        b, t = samples.shape[:2]
+        # num_frames: the generated length when ``samples`` hold only a prefix of each video
+        # (checked by Reward.forward to contain every frame read here)
+        b = samples.shape[0]
+        t = int(media_info.get("num_frames") or samples.shape[1])
         idx = self.frame_indices(t)
         k = len(idx)
         w = frame_weights(idx, t, self.weighting, rate=self.rate).to(samples.device)

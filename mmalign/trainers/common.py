@@ -851,6 +851,17 @@ class RewardSet:
     def held_out(self) -> list[RewardEntry]:
         return [e for e in self.entries if e.held_out]
 
+    def frames_needed(self, num_frames: int) -> int:
+        """How many leading frames of a ``num_frames``-frame video every reward of the set reads
+        (``num_frames`` unless each one reads only some frames, e.g. frame-sampled image rewards)."""
+        last = -1
+        for e in self.entries:
+            idx = e.reward.frames_needed(num_frames)
+            if idx is None:
+                return int(num_frames)
+            last = max(last, *idx)
+        return last + 1 if last >= 0 else int(num_frames)
+
     def score(
         self,
         samples: Tensor,
@@ -860,10 +871,12 @@ class RewardSet:
         group_ids: Tensor | None = None,
         fps: float | None = None,
         sample_rate: int | None = None,
+        num_frames: int | None = None,
         grad: bool = False,
         which: Literal["all", "trained", "held_out"] = "all",
     ) -> dict[str, Any]:
-        """``{label: RewardOutput}`` for the chosen rewards (no gradients unless ``grad``)."""
+        """``{label: RewardOutput}`` for the chosen rewards (no gradients unless ``grad``). ``num_frames``:
+        the generated video length when ``samples`` hold only a prefix (:meth:`frames_needed`)."""
         outputs = {}
         entries = {"all": self.entries, "trained": self.trained, "held_out": self.held_out}[which]
         for e in entries:
@@ -872,7 +885,7 @@ class RewardSet:
                 meta = [{"prompt": p, "category": None if categories is None else categories[i],
                          "group_id": None if group_ids is None else int(group_ids[i]), **e.metadata}
                         for i, p in enumerate(prompts)]
-            kwargs = {k: v for k, v in (("fps", fps), ("sample_rate", sample_rate)) if v is not None}
+            kwargs = {k: v for k, v in (("fps", fps), ("sample_rate", sample_rate), ("num_frames", num_frames)) if v is not None}
             with torch.enable_grad() if grad else torch.no_grad():
                 x = samples.to(e.reward.device)
                 outputs[e.label] = e.reward(x, list(prompts), metadata=meta, **kwargs)
@@ -1235,17 +1248,37 @@ class Trainer:
         chain's starting points (``sampler.start_step > 0``)."""
         from ..samplers import sample
 
+        frames = self.reward_frame_prefix() if sampler.decode else None
+        run = sampler if frames is None else dataclasses.replace(sampler, decode=False)
         parts = []
         for i, (gidx, _, prompt) in enumerate(items):
             clean = None if clean_latents is None else clean_latents[i: i + 1]
             with self.autocast():
-                r = sample(self.adapter, [prompt], sampler, generator=make_generator(self.cfg.seed, purpose, step, gidx),
+                r = sample(self.adapter, [prompt], run, generator=make_generator(self.cfg.seed, purpose, step, gidx),
                            clean_latents=clean)
+                if frames is not None:  # decode only the frames the rewards read (exact: causal VAE)
+                    r.samples = self.adapter.decode_prefix(r.final_latents, frames[0])
             r.group_ids = torch.full((r.batch_size,), int(gidx), dtype=torch.long)
             parts.append(r)
         rollout = cat_rollouts(parts)
         rollout.meta["categories"] = [c for _, c, _ in items for _ in range(sampler.group_size)]
+        if frames is not None:
+            rollout.meta["num_frames"] = frames[1]  # pass as num_frames= when scoring rollout.samples
         return rollout
+
+    def reward_frame_prefix(self) -> tuple[int, int] | None:
+        """``(decoded, total)`` when rollouts of this video model need decode only their first
+        ``decoded`` of ``total`` frames: the VAE decodes causally and every trained and held-out reward
+        reads only frames inside that prefix; else None (decode everything)."""
+        if not hasattr(self, "_frame_prefix"):
+            self._frame_prefix = None
+            if self.adapter.modality == "video" and self.adapter.causal_frame_decoding:
+                total = decoded_media_shape(self.adapter)[0]
+                needed = self.rewards.frames_needed(total)
+                if needed < total:
+                    self._frame_prefix = (needed, total)
+                    self.log(f"rollouts decode frames 0-{needed - 1} of {total}: every reward reads only those")
+        return self._frame_prefix
 
     # ------------------------------------------------------------------ evaluation
     def eval_prompts(self) -> list[tuple[str, str]]:

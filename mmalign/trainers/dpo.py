@@ -507,7 +507,8 @@ class DPOTrainer(Trainer):
         b = rollout.batch_size
 
         outs = self.rewards.score(rollout.samples, rollout.prompts, categories=rollout.meta["categories"],
-                                  group_ids=rollout.group_ids, fps=adapter.fps, sample_rate=adapter.sample_rate)
+                                  group_ids=rollout.group_ids, fps=adapter.fps, sample_rate=adapter.sample_rate,
+                                  num_frames=rollout.meta.get("num_frames"))
         metrics: dict[str, Any] = {"samples": d.prompts_per_step * d.group_size}
         combined, valid = torch.zeros(b), torch.ones(b, dtype=torch.bool)
         reasons = []

@@ -247,7 +247,8 @@ class GRPOTrainer(Trainer):
         and the reward metrics (``reward/<label>/...``, ``held_out/<label>/...``, ``samples``).
         """
         outs = self.rewards.score(rollout.samples, rollout.prompts, categories=rollout.meta["categories"],
-                                  group_ids=rollout.group_ids, fps=self.adapter.fps, sample_rate=self.adapter.sample_rate)
+                                  group_ids=rollout.group_ids, fps=self.adapter.fps, sample_rate=self.adapter.sample_rate,
+                                  num_frames=rollout.meta.get("num_frames"))
         group_ids = self.gather(rollout.group_ids)
         metrics: dict[str, Any] = {"samples": int(group_ids.numel())}
         scores, valid = {}, torch.ones(group_ids.numel(), dtype=torch.bool)

@@ -158,7 +158,8 @@ def score_rollout(trainer: Trainer, rollout: Rollout, step: int) -> tuple[dict[s
     """
     adapter = trainer.adapter
     outs = trainer.rewards.score(rollout.samples, rollout.prompts, categories=rollout.meta.get("categories"),
-                                 group_ids=rollout.group_ids, fps=adapter.fps, sample_rate=adapter.sample_rate)
+                                 group_ids=rollout.group_ids, fps=adapter.fps, sample_rate=adapter.sample_rate,
+                                 num_frames=rollout.meta.get("num_frames"))
     b = rollout.batch_size
     group_ids = trainer.gather(rollout.group_ids)
     metrics: dict[str, Any] = {"samples": int(group_ids.numel())}

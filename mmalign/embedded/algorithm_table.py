@@ -156,8 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("$ " + " ".join(shlex.quote(c) for c in cmd[1:]).replace("-m mmalign", "mmalign", 1), flush=True)
         t0 = time.time()
         res = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        (out / (name + args.tag)).mkdir(parents=True, exist_ok=True)
-        (out / (name + args.tag) / "stdout.txt").write_text(res.stdout)
+        run = out / (name + args.tag)
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "stdout.txt").write_text(res.stdout)
         print(f"  {name}: exit {res.returncode} in {time.time() - t0:.0f} s", flush=True)
         if res.returncode != 0:
             print("\n".join(res.stdout.splitlines()[-15:]), flush=True)

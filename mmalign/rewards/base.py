@@ -194,8 +194,9 @@ class Reward(nn.Module):
         batch = len(items)
         if batch == 0:
             raise ValueError(f"{self.name}: no samples to score")
-        for t in {int(x.shape[0]) for x in items if x.numel()} if num_frames is not None else ():
-            self.check_frame_prefix(t, num_frames)
+        if num_frames is not None:  # a prefix of each video: every frame read here must be in it
+            for t in {int(x.shape[0]) for x in items if x.numel()}:
+                self.check_frame_prefix(t, num_frames)
         prompts = _check_texts(prompts, batch, "prompts")
         if "prompt" in self.needs and prompts is None:
             raise ValueError(f"{self.name} needs prompts: pass one per sample")
@@ -322,6 +323,18 @@ class CallableReward(Reward):
         if scores.shape[0] != samples.shape[0]:
             raise ValueError(f"reward callable {self.name!r} returned {scores.shape[0]} scores for {samples.shape[0]} samples")
         return ScoreBatch(scores)
+
+
+def frames_read_by(rewards: Sequence["Reward"], num_frames: int) -> list[int] | None:
+    """The sorted union of the frames ``rewards`` read in a ``num_frames``-frame video
+    (:meth:`Reward.frames_needed`); None when any of them reads every frame."""
+    needed: set[int] = set()
+    for r in rewards:
+        idx = r.frames_needed(num_frames)
+        if idx is None:
+            return None
+        needed.update(idx)
+    return sorted(needed)
 
 
 def as_reward(fn: Reward | Callable[..., Any], **options: Any) -> Reward:

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ..media import load_media
-from .base import Reward, RewardOutput, _check_texts, as_reward
+from .base import Reward, RewardOutput, _check_texts, as_reward, frames_read_by
 
 RewardSpec = Any  # Reward | callable | str | Mapping
 
@@ -382,13 +382,7 @@ class CombinedReward(Reward):
 
     def frames_needed(self, num_frames: int) -> list[int] | None:
         """The union of the members' frames (None when any member reads every frame)."""
-        needed: set[int] = set()
-        for m in self.members:
-            idx = m.frames_needed(num_frames)
-            if idx is None:
-                return None
-            needed.update(idx)
-        return sorted(needed)
+        return frames_read_by(self.members, num_frames)
 
     def _call_members(self, samples, prompts, references, metadata, fps, sample_rate, num_frames=None) -> tuple[list[RewardOutput], list[str | None], list[str] | None]:
         items, reasons = load_media(samples, self.modality, sample_rate=sample_rate)

@@ -854,13 +854,10 @@ class RewardSet:
     def frames_needed(self, num_frames: int) -> int:
         """How many leading frames of a ``num_frames``-frame video every reward of the set reads
         (``num_frames`` unless each one reads only some frames, e.g. frame-sampled image rewards)."""
-        last = -1
-        for e in self.entries:
-            idx = e.reward.frames_needed(num_frames)
-            if idx is None:
-                return int(num_frames)
-            last = max(last, *idx)
-        return last + 1 if last >= 0 else int(num_frames)
+        from ..rewards.base import frames_read_by
+
+        idx = frames_read_by([e.reward for e in self.entries], num_frames)
+        return int(num_frames) if not idx else idx[-1] + 1
 
     def score(
         self,

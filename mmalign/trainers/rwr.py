@@ -213,7 +213,7 @@ class RWRTrainer(Trainer):
             ids = {p: i for i, p in enumerate(dict.fromkeys(x.prompt for x in self.records))}
             group_ids = torch.tensor([ids[x.prompt] for x in self.records])
             self.dataset_weights = self.weights(rewards, group_ids)
-            self.image_hw = decoded_media_shape(self.adapter)[-2:]  # what the dataset's images must match
+            self.media_size = decoded_media_shape(self.adapter)  # what the dataset's images must match
 
     def updates_per_step(self) -> int:
         r = self.cfg.rwr
@@ -326,8 +326,7 @@ class RWRTrainer(Trainer):
                else torch.randint(0, n, (r.batch_size,), generator=gen))
         local, _ = self.shard(idx.tolist())
         recs = [self.records[i] for i in local]
-        size = (3, *self.image_hw)
-        fitted = [fit_media(x, "image", size, resize_option=None if r.resize else "rwr.resize") for x in recs]
+        fitted = [fit_media(x, "image", self.media_size, resize_option=None if r.resize else "rwr.resize") for x in recs]
         with torch.no_grad(), self.autocast():
             x0 = self.adapter.encode_images(torch.stack(fitted).to(self.adapter.device)).float()
             cond = self.adapter.encode_in_chunks([x.prompt for x in recs], None, self.train_guidance(), cfg.sampler.micro_batch)

@@ -242,7 +242,8 @@ def cmd_report(args) -> int:
     for key, row in rep["eval"].items():
         if key.endswith("/mean") and "/cat/" not in key or "gap_closed" in row:
             extra = f"  ({100 * row['gap_closed']:.1f}% of the gap to {row['target']:g} closed)" if "gap_closed" in row else ""
-            print(f"{key:45s} {row['before']:10.4g} -> {row['after']:10.4g}{extra}")
+            se = f"  (change {row['change']:+.4g} +- {row['paired_se']:.2g} paired SE)" if "paired_se" in row else ""
+            print(f"{key:45s} {row['before']:10.4g} -> {row['after']:10.4g}{se}{extra}")
     print(f"wrote {run / 'report.json'}" + (f" and {run / rep['curves']}" if rep.get("curves") else ""))
     return 0
 

@@ -104,7 +104,9 @@ def _cell(ev: dict, key: str, fmt: str = "{:.3f}") -> str:
     row = ev.get(key)
     if row is None:
         return "n/a"
-    return f"{fmt.format(row['before'])} -> {fmt.format(row['after'])}"
+    cell = f"{fmt.format(row['before'])} -> {fmt.format(row['after'])}"
+    # the paired standard error of the change (same prompts and seeds before and after), when measured
+    return cell + (f" (±{fmt.format(row['paired_se'])})" if "paired_se" in row else "")
 
 
 def table_row(name: str, run: Path, world: str = "image") -> str:
@@ -115,8 +117,10 @@ def table_row(name: str, run: Path, world: str = "image") -> str:
     samples = sum(int(m.get("samples", 0)) for m in train)
     ev = rep["eval"]
     gap = ev.get(w.strict, {}).get("gap_closed", float("nan"))
+    gap_se = ev.get(w.strict, {}).get("gap_closed_se")
     learned_fmt = "{:.2f}" if world == "image" else "{:.3f}"
-    return (f"| {name} | {rep['steps']} | {samples} | {_cell(ev, w.strict)} | {100 * gap:.1f}% | "
+    return (f"| {name} | {rep['steps']} | {samples} | {_cell(ev, w.strict)} | {100 * gap:+.1f}%"
+            f"{'' if gap_se is None else f' ± {100 * gap_se:.1f}'} | "
             f"{_cell(ev, f'eval/{w.verifier}/mean')} | {_cell(ev, w.learned, learned_fmt)} | "
             f"{_cell(ev, 'eval/diversity/pixel_rms')} | {rep['train_seconds'] / 60:.1f} |")
 

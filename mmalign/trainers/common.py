@@ -729,6 +729,23 @@ def eval_reward_metrics(label: str, out: Any, categories: Sequence[str] | None =
     return m
 
 
+def eval_sample_rows(outs: Any, prompts: Sequence[str], categories: Sequence[str], seeds: Sequence[int]) -> str:
+    """JSONL text, one line per evaluated sample: ``{"prompt", "category", "seed", "<label>": score,
+    "<label>:<component>": value, ...}`` for every reward in ``outs`` (label -> RewardOutput); invalid
+    scores are written as null. Read back by :func:`mmalign.trainers.report.paired_changes`."""
+    rows: list[dict[str, Any]] = [{"prompt": p, "category": c, "seed": int(s)} for p, c, s in zip(prompts, categories, seeds)]
+    for label, out in outs.items():
+        valid = out.valid.bool().cpu().tolist()
+        series = {label: out.scores}
+        for name, comp in (out.components or {}).items():
+            if isinstance(comp, Tensor) and comp.dim() == 1 and comp.numel() == len(rows):
+                series[f"{label}:{name}"] = comp
+        for key, vals in series.items():
+            for row, v, ok in zip(rows, vals.detach().float().cpu().tolist(), valid):
+                row[key] = v if ok and math.isfinite(v) else None
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
 def seed_diversity(samples: Tensor, num_prompts: int) -> float:
     """Sample diversity: the mean root-mean-square pixel difference between samples of the same prompt
     drawn with different seeds (``samples``: S*P,... in seed-major order). 0 = every seed gives the same
@@ -1331,6 +1348,11 @@ class Trainer:
             if len(self.cfg.eval.seeds) > 1:
                 metrics["eval/diversity/pixel_rms"] = seed_diversity(samples, len(prompts))
             path = self.out / "eval" / f"step_{step:08d}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            all_seeds = [s for s in self.cfg.eval.seeds for _ in prompts]
+            # per-sample scores: the report pairs them across evaluations (same prompt and seed) for a paired SE
+            atomic_write_text(path.with_suffix(".scores.jsonl"),
+                              eval_sample_rows(outs, all_prompts, all_cats, all_seeds))
             modality = self.adapter.modality
             if modality == "image":
                 save_image(image_grid(samples, ncols=len(prompts)), path.with_suffix(".png"), self.cfg.eval.upscale)

@@ -1,5 +1,6 @@
 """The end-of-run report of a training run: ``report.json`` (the first and last evaluation side by
-side, per reward, component and prompt category, with the gap closed towards declared targets),
+side, per reward, component and prompt category, with the gap closed towards declared targets and,
+where both evaluations saved per-sample scores, the paired standard error of each overall change),
 ``curves.png`` (trained / held-out reward curves and evaluation curves from ``metrics.jsonl``) and
 ``before.png`` / ``after.png`` (the first and last evaluation grids: same prompts, same seeds).
 
@@ -61,6 +62,42 @@ def compare_evals(first: Mapping[str, Any], last: Mapping[str, Any], targets: Ma
     return out
 
 
+def read_eval_scores(path: str | Path) -> dict[tuple[str, int], dict[str, Any]]:
+    """Per-sample scores of one evaluation (``eval/step_XXXXXXXX.scores.jsonl``) keyed by (prompt, seed)."""
+    rows: dict[tuple[str, int], dict[str, Any]] = {}
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            key = (str(row["prompt"]), int(row["seed"]))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}:{n}: not a per-sample score line ({e})") from e
+        if key in rows:
+            raise ValueError(f"{path}:{n}: prompt {key[0]!r} with seed {key[1]} appears twice")
+        rows[key] = row
+    return rows
+
+
+def paired_changes(before: Mapping[tuple[str, int], Mapping[str, Any]], after: Mapping[tuple[str, int], Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """Paired change of every per-sample score between two evaluations of the same prompts and seeds:
+    ``{"eval/<series>/mean": {"paired_se", "n_pairs"}}`` with paired_se = std(after - before) / sqrt(n)
+    (sample std, ddof 1) over the pairs valid in both. The same seeds start both evaluations, so this is
+    the standard error of the change itself, usually far below that of either mean."""
+    common = sorted(set(before) & set(after))
+    series = sorted({k for key in common for k in before[key] if k not in ("prompt", "seed", "category")})
+    out: dict[str, dict[str, float]] = {}
+    for name in series:
+        diffs = [float(after[k][name]) - float(before[k][name]) for k in common
+                 if _numeric(before[k].get(name)) and _numeric(after[k].get(name))]
+        if len(diffs) < 2:
+            continue
+        mean = sum(diffs) / len(diffs)
+        var = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
+        out[f"eval/{name}/mean"] = {"paired_se": math.sqrt(var / len(diffs)), "n_pairs": len(diffs)}
+    return out
+
+
 def write_report(run_dir: str | Path, *, targets: Mapping[str, float] | None = None, extra: Mapping[str, Any] | None = None,
                  plot: bool = True) -> dict[str, Any]:
     """Write ``report.json`` (+ ``curves.png``, ``before.png`` / ``after.png``) for the run in
@@ -81,6 +118,15 @@ def write_report(run_dir: str | Path, *, targets: Mapping[str, float] | None = N
         "eval_seconds": round(sum(float(r.get("eval_seconds", 0.0)) for r in evals), 1),
         "eval": compare_evals(first, last, targets),
     }
+    score_files = [run_dir / "eval" / f"step_{int(r['step']):08d}.scores.jsonl" for r in (first, last)]
+    if all(f.is_file() for f in score_files) and score_files[0] != score_files[1]:
+        # a change is only worth reading next to its noise: the paired SE over the same prompts and seeds
+        for key, extra_row in paired_changes(*(read_eval_scores(f) for f in score_files)).items():
+            row = report["eval"].get(key)
+            if row is not None:
+                row.update(extra_row)
+                if "target" in row and row["target"] != row["before"]:
+                    row["gap_closed_se"] = extra_row["paired_se"] / abs(row["target"] - row["before"])
     if train:
         keys = sorted(k for k in train[-1] if k.endswith("/mean") and (k.startswith("reward/") or k.startswith("held_out/")))
         report["train_reward_first_last"] = {k: [train[0].get(k), train[-1].get(k)] for k in keys}

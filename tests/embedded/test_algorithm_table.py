@@ -42,7 +42,13 @@ def test_table_row_from_a_report(tmp_path):
     (run / "report.json").write_text(json.dumps({"steps": 3, "train_seconds": 90.0, "eval": ev}))
     (run / "metrics.jsonl").write_text("\n".join(json.dumps({"kind": "train", "step": i, "samples": 64}) for i in (1, 2, 3)))
     row = at.table_row("grpo", run)
-    assert row.startswith("| grpo | 3 | 192 | 0.100 -> 0.280 | 20.0% | 0.200 -> 0.300 | 60.00 -> 61.50 | n/a | 1.5 |")
+    assert row.startswith("| grpo | 3 | 192 | 0.100 -> 0.280 | +20.0% | 0.200 -> 0.300 | 60.00 -> 61.50 | n/a | 1.5 |")
+    # with per-sample scores the report carries the paired SE of each change, and the row shows it
+    ev[at.STRICT].update(paired_se=0.03, gap_closed_se=0.0333)
+    ev["eval/shapeeval/mean"]["paired_se"] = 0.01
+    (run / "report.json").write_text(json.dumps({"steps": 3, "train_seconds": 90.0, "eval": ev}))
+    assert at.table_row("grpo", run).startswith(
+        "| grpo | 3 | 192 | 0.100 -> 0.280 (±0.030) | +20.0% ± 3.3 | 0.200 -> 0.300 (±0.010) | 60.00 -> 61.50 | n/a |")
 
 
 def test_bad_arguments():

@@ -12,7 +12,7 @@ from mmalign.rewards.base import RewardOutput
 from mmalign.trainers import load_train_config
 from mmalign.trainers.common import eval_reward_metrics, seed_diversity
 from mmalign.trainers.grpo import GRPOTrainer
-from mmalign.trainers.report import compare_evals, read_metrics
+from mmalign.trainers.report import compare_evals, paired_changes, read_eval_scores, read_metrics
 
 TINY = {
     "algorithm": "grpo",
@@ -50,6 +50,23 @@ def test_compare_evals_gap_closed_by_hand():
         compare_evals(first, last, {"eval/nope/mean": 1.0})
 
 
+def test_paired_changes_by_hand(tmp_path):
+    before = {("a", 0): {"r": 0.0, "r:strict": 0.0}, ("a", 1): {"r": 0.5, "r:strict": None}, ("b", 0): {"r": 1.0, "r:strict": 1.0}}
+    after = {("a", 0): {"r": 0.5, "r:strict": 1.0}, ("a", 1): {"r": 0.5, "r:strict": 1.0}, ("b", 0): {"r": 1.0, "r:strict": 1.0},
+             ("c", 0): {"r": 0.0}}  # not in both: left out
+    rep = paired_changes(before, after)
+    # r: diffs 0.5, 0, 0 -> mean 1/6, sample var ((1/3)^2 + 2 (1/6)^2) / 2 = 1/12, se sqrt(1/12 / 3) = 1/6
+    assert rep["eval/r/mean"] == {"paired_se": pytest.approx(1 / 6), "n_pairs": 3}
+    assert rep["eval/r:strict/mean"] == {"paired_se": pytest.approx(0.5), "n_pairs": 2}  # diffs 1, 0: the null pair left out
+    f = tmp_path / "s.jsonl"
+    f.write_text('{"prompt": "a", "seed": 0, "r": 1.0}\n{"prompt": "a", "seed": 0, "r": 0.5}\n')
+    with pytest.raises(ValueError, match="appears twice"):
+        read_eval_scores(f)
+    f.write_text('{"prompt": "a", "r": 1.0}\n')
+    with pytest.raises(ValueError, match=":1: not a per-sample score line"):
+        read_eval_scores(f)
+
+
 def test_eval_reward_metrics_components_categories_and_invalid_items():
     out = RewardOutput(scores=torch.tensor([0.5, 1.0, float("nan"), 0.0]),
                        components={"strict": torch.tensor([0.0, 1.0, float("nan"), 0.0])},
@@ -83,13 +100,22 @@ def test_training_run_writes_report_curves_and_grids(tmp_path, capsys):
     assert row["target"] == 1.0 and math.isfinite(row["gap_closed"])
     assert row["gap_closed"] == pytest.approx((row["after"] - row["before"]) / (1.0 - row["before"]))
     assert "eval/diversity/pixel_rms" in rep["eval"] and rep["eval"]["eval/diversity/pixel_rms"]["before"] > 0
+    # per-sample scores of each evaluation, paired across the first and last (2 prompts x 2 seeds)
+    first = read_eval_scores(run / "eval" / "step_00000000.scores.jsonl")
+    last = read_eval_scores(run / "eval" / "step_00000002.scores.jsonl")
+    assert sorted(first) == [("a blue square", 0), ("a blue square", 1), ("a red circle", 0), ("a red circle", 1)]
+    diffs = torch.tensor([last[k]["mean_color_match"] - first[k]["mean_color_match"] for k in sorted(first)])
+    assert sum(r["mean_color_match"] for r in last.values()) / 4 == pytest.approx(row["after"], abs=1e-6)
+    assert row["n_pairs"] == 4 and row["paired_se"] == pytest.approx(float(diffs.std() / 2), rel=1e-4)
+    assert row["gap_closed_se"] == pytest.approx(row["paired_se"] / (1.0 - row["before"]))
     for f in ("curves.png", "before.png", "after.png", "config.yaml"):
         assert (run / f).stat().st_size > 0, f
     assert [r["kind"] for r in read_metrics(run)].count("eval") == 3
     # the CLI rebuilds it, with the run's own targets or given ones
     (run / "report.json").unlink()
     assert main(["report", str(run)]) == 0
-    assert "of the gap to 1 closed" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "of the gap to 1 closed" in printed and "paired SE" in printed
     assert main(["report", str(run), "--target", "eval/mean_color_match/mean=0.5"]) == 0
     assert json.loads((run / "report.json").read_text())["eval"]["eval/mean_color_match/mean"]["target"] == 0.5
     assert main(["report", str(run), "--target", "nonsense"]) == 2

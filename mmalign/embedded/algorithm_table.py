@@ -53,6 +53,8 @@ class World:
     learned: str
     learned_label: str
     eval_steps: int
+    eval_seeds: tuple[int, ...] = (0, 1)
+    """Seeds per held-out prompt: enough samples that a change of a few points stands out of the noise."""
 
     @property
     def strict(self) -> str:
@@ -68,8 +70,9 @@ WORLDS: dict[str, World] = {
     "image": World(RECIPES, "assets/prompts/shapeworld_heldout.txt", "shapeeval", "eval/clipscore/mean", "tiny-CLIP", 16),
     "video": World(_media_recipes("movingshapes"), "assets/prompts/movingshapes_heldout.txt", "motioneval",
                    "eval/video_frames/mean", "tiny-CLIP over frames", 16),
+    # 40 held-out prompts: five seeds each give 200 paired samples
     "audio": World(_media_recipes("toneworld"), "assets/prompts/toneworld_heldout.txt", "toneeval",
-                   "eval/clap/mean", "tiny-CLAP", 25),
+                   "eval/clap/mean", "tiny-CLAP", 25, (0, 1, 2, 3, 4)),
 }
 
 
@@ -81,7 +84,7 @@ def common_overrides(world: World) -> list[str]:
         "eval.every=100000",
         f"eval.prompts_file={world.heldout}",
         "eval.max_prompts=null",
-        "eval.seeds=[0, 1]",
+        f"eval.seeds=[{', '.join(map(str, world.eval_seeds))}]",
         f"eval.num_steps={world.eval_steps}",
         "eval.method=ode",
         "checkpoint.every=0",

@@ -28,6 +28,7 @@ def test_media_worlds_have_every_recipe_validating_with_the_table_overrides(worl
         cfg = load_train_config(ROOT / path, [*at.common_overrides(w), "max_minutes=5"])
         assert cfg.algorithm == name and cfg.model.name == model and cfg.threads == 1, path
         assert cfg.eval.prompts_file == w.heldout and cfg.eval.report_targets == {w.strict: 1.0}
+        assert cfg.eval.seeds == list(w.eval_seeds) and len(w.eval_seeds) >= 2
         labels = [r.name for r in cfg.rewards + cfg.held_out_rewards]
         assert w.verifier in labels and w.learned.split("/")[1] in labels, (path, labels)
     assert at.header(world).count("|") == at.HEADER.count("|")

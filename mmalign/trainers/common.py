@@ -730,10 +730,16 @@ def eval_reward_metrics(label: str, out: Any, categories: Sequence[str] | None =
 
 
 def eval_sample_rows(outs: Any, prompts: Sequence[str], categories: Sequence[str], seeds: Sequence[int]) -> str:
-    """JSONL text, one line per evaluated sample: ``{"prompt", "category", "seed", "<label>": score,
-    "<label>:<component>": value, ...}`` for every reward in ``outs`` (label -> RewardOutput); invalid
-    scores are written as null. Read back by :func:`mmalign.trainers.report.paired_changes`."""
-    rows: list[dict[str, Any]] = [{"prompt": p, "category": c, "seed": int(s)} for p, c, s in zip(prompts, categories, seeds)]
+    """JSONL text, one line per evaluated sample: ``{"index", "prompt", "category", "seed", "<label>": score,
+    "<label>:<component>": value, ...}`` for every reward in ``outs`` (label -> RewardOutput); ``index`` is
+    the prompt's position in the evaluation's prompt list (a prompt listed twice is two samples); invalid
+    scores are written as null. Read back by :func:`mmalign.trainers.report.read_eval_scores`."""
+    positions: dict[int, int] = {}
+    rows: list[dict[str, Any]] = []
+    for p, c, s in zip(prompts, categories, seeds):
+        index = positions.get(int(s), 0)
+        positions[int(s)] = index + 1
+        rows.append({"index": index, "prompt": p, "category": c, "seed": int(s)})
     for label, out in outs.items():
         valid = out.valid.bool().cpu().tolist()
         series = {label: out.scores}

@@ -62,30 +62,31 @@ def compare_evals(first: Mapping[str, Any], last: Mapping[str, Any], targets: Ma
     return out
 
 
-def read_eval_scores(path: str | Path) -> dict[tuple[str, int], dict[str, Any]]:
-    """Per-sample scores of one evaluation (``eval/step_XXXXXXXX.scores.jsonl``) keyed by (prompt, seed)."""
-    rows: dict[tuple[str, int], dict[str, Any]] = {}
+def read_eval_scores(path: str | Path) -> dict[tuple[str, int, int], dict[str, Any]]:
+    """Per-sample scores of one evaluation (``eval/step_XXXXXXXX.scores.jsonl``) keyed by (prompt, seed,
+    index): two evaluations pair up only where the same prompt sat at the same place with the same seed."""
+    rows: dict[tuple[str, int, int], dict[str, Any]] = {}
     for n, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-            key = (str(row["prompt"]), int(row["seed"]))
-        except (ValueError, KeyError, TypeError) as e:
+            key = (str(row["prompt"]), int(row["seed"]), int(row.get("index", 0)))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{path}:{n}: not a per-sample score line ({e})") from e
         if key in rows:
-            raise ValueError(f"{path}:{n}: prompt {key[0]!r} with seed {key[1]} appears twice")
+            raise ValueError(f"{path}:{n}: prompt {key[0]!r} with seed {key[1]} at index {key[2]} appears twice")
         rows[key] = row
     return rows
 
 
-def paired_changes(before: Mapping[tuple[str, int], Mapping[str, Any]], after: Mapping[tuple[str, int], Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+def paired_changes(before: Mapping[tuple, Mapping[str, Any]], after: Mapping[tuple, Mapping[str, Any]]) -> dict[str, dict[str, float]]:
     """Paired change of every per-sample score between two evaluations of the same prompts and seeds:
     ``{"eval/<series>/mean": {"paired_se", "n_pairs"}}`` with paired_se = std(after - before) / sqrt(n)
     (sample std, ddof 1) over the pairs valid in both. The same seeds start both evaluations, so this is
     the standard error of the change itself, usually far below that of either mean."""
     common = sorted(set(before) & set(after))
-    series = sorted({k for key in common for k in before[key] if k not in ("prompt", "seed", "category")})
+    series = sorted({k for key in common for k in before[key] if k not in ("index", "prompt", "seed", "category")})
     out: dict[str, dict[str, float]] = {}
     for name in series:
         diffs = [float(after[k][name]) - float(before[k][name]) for k in common

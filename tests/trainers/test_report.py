@@ -62,6 +62,8 @@ def test_paired_changes_by_hand(tmp_path):
     f.write_text('{"prompt": "a", "seed": 0, "r": 1.0}\n{"prompt": "a", "seed": 0, "r": 0.5}\n')
     with pytest.raises(ValueError, match="appears twice"):
         read_eval_scores(f)
+    f.write_text('{"index": 0, "prompt": "a", "seed": 0, "r": 1.0}\n{"index": 1, "prompt": "a", "seed": 0, "r": 0.5}\n')
+    assert len(read_eval_scores(f)) == 2  # one prompt listed twice: two samples
     f.write_text('{"prompt": "a", "r": 1.0}\n')
     with pytest.raises(ValueError, match=":1: not a per-sample score line"):
         read_eval_scores(f)
@@ -103,7 +105,7 @@ def test_training_run_writes_report_curves_and_grids(tmp_path, capsys):
     # per-sample scores of each evaluation, paired across the first and last (2 prompts x 2 seeds)
     first = read_eval_scores(run / "eval" / "step_00000000.scores.jsonl")
     last = read_eval_scores(run / "eval" / "step_00000002.scores.jsonl")
-    assert sorted(first) == [("a blue square", 0), ("a blue square", 1), ("a red circle", 0), ("a red circle", 1)]
+    assert sorted(first) == [("a blue square", 0, 1), ("a blue square", 1, 1), ("a red circle", 0, 0), ("a red circle", 1, 0)]
     diffs = torch.tensor([last[k]["mean_color_match"] - first[k]["mean_color_match"] for k in sorted(first)])
     assert sum(r["mean_color_match"] for r in last.values()) / 4 == pytest.approx(row["after"], abs=1e-6)
     assert row["n_pairs"] == 4 and row["paired_se"] == pytest.approx(float(diffs.std() / 2), rel=1e-4)

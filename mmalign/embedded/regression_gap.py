@@ -5,20 +5,23 @@ prints the model's denoising loss on rendered ShapeWorld images and on its own O
 captions (at each guidance scale given), computed through :class:`~mmalign.trainers.rwr.RWRTrainer`'s own
 re-noising (uniform points of the training schedule, rectified-flow target ``noise - x0``) with the
 conditional prediction, the one RWR trains. A loss on real images close to the pretraining loss shows the
-regression path matches how the model was trained; a lower loss on its own samples says they are easier
-(smoother) than real data, so regressing onto them teaches the model nothing it lacks.
+regression path matches how the model was trained; the loss on its own samples says how far the data RWR
+regresses onto sits from the real data, in the model's own terms.
 
     python -m mmalign.embedded.regression_gap --model assets/shapeworld-sd3 --n 48 --draws 4
 """
 from __future__ import annotations
 
 import argparse
+import tempfile
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-CATEGORIES = ("single_object", "two_objects", "counting", "colors", "position", "color_attr")
+from ..trainers.losses import denoising_loss
+from .shapeworld import CATEGORIES, sample_example
 
 
 def denoising_losses(trainer, x0: torch.Tensor, captions: Sequence[str], draws: int, seed: int = 0) -> torch.Tensor:
@@ -33,7 +36,7 @@ def denoising_losses(trainer, x0: torch.Tensor, captions: Sequence[str], draws: 
             gens = [torch.Generator().manual_seed(seed + 1000 * d + i) for i in range(len(captions))]
             x_t, t, target = trainer.renoise(x0, gens)
             out = adapter.denoise_in_chunks(x_t, t, cond, micro)
-            per_draw.append(((out.float() - target) ** 2).flatten(1).mean(1))
+            per_draw.append(denoising_loss(out, target))
     return torch.stack(per_draw).mean(0)
 
 
@@ -51,15 +54,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--n, --draws and --steps must be >= 1")
     from ..samplers import SamplerConfig, sample
     from ..trainers import build_trainer, load_train_config
-    from .shapeworld import sample_example
 
     torch.set_num_threads(args.threads)
-    from pathlib import Path
-
     recipe = Path(__file__).resolve().parents[2] / "configs" / "train_rwr_embedded.yaml"
-    cfg = load_train_config(recipe, [f"model.name={args.model}", "eval.every=0", "logging.stdout=false",
-                                     "checkpoint.save_final=false", "out=/tmp/mmalign_regression_gap", f"threads={args.threads}"])
-    trainer = build_trainer(cfg, log=lambda s: None)
+    with tempfile.TemporaryDirectory() as run_dir:  # the trainer writes its resolved config; nothing is kept
+        cfg = load_train_config(recipe, [f"model.name={args.model}", "eval.every=0", "logging.stdout=false",
+                                         "checkpoint.save_final=false", f"out={run_dir}", f"threads={args.threads}"])
+        trainer = build_trainer(cfg, log=lambda s: None)
     rng = np.random.default_rng(args.seed)
     examples = [sample_example(rng, CATEGORIES[i % len(CATEGORIES)], trainer.adapter.image_size()[0], exclude_heldout=True)
                 for i in range(args.n)]

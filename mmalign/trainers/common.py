@@ -699,6 +699,16 @@ def lr_factor(update: int, cfg: OptimConfig, total_updates: int) -> float:
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def reward_series(label: str, out: Any) -> dict[str, Tensor]:
+    """The per-item series an evaluation reports of one reward's output (float32, CPU): ``label`` -> the
+    scores, ``label:<component>`` -> each scalar component (1-D, one value per item)."""
+    series = {label: out.scores.detach().float().cpu()}
+    for name, comp in (out.components or {}).items():
+        if isinstance(comp, Tensor) and comp.dim() == 1 and comp.numel() == out.scores.numel():
+            series[f"{label}:{name}"] = comp.detach().float().cpu()
+    return series
+
+
 def eval_reward_metrics(label: str, out: Any, categories: Sequence[str] | None = None) -> dict[str, Any]:
     """Evaluation metrics of one reward's :class:`~mmalign.rewards.RewardOutput`: ``eval/<label>/...``
     stats of the scores, ``eval/<label>:<component>/mean`` per scalar component, the invalid count, and
@@ -706,11 +716,7 @@ def eval_reward_metrics(label: str, out: Any, categories: Sequence[str] | None =
     (NaN) are left out of means."""
     m: dict[str, Any] = {}
     valid = out.valid.bool().cpu()
-    series = {label: out.scores.detach().float().cpu()}
-    for name, comp in (out.components or {}).items():
-        if isinstance(comp, Tensor) and comp.dim() == 1 and comp.numel() == valid.numel():
-            series[f"{label}:{name}"] = comp.detach().float().cpu()
-    for key, vals in series.items():
+    for key, vals in reward_series(label, out).items():
         ok = vals[valid]
         if key == label:
             m.update(tensor_stats(ok, f"eval/{key}") if ok.numel() else {f"eval/{key}/mean": float("nan")})
@@ -742,12 +748,8 @@ def eval_sample_rows(outs: Any, prompts: Sequence[str], categories: Sequence[str
         rows.append({"index": index, "prompt": p, "category": c, "seed": int(s)})
     for label, out in outs.items():
         valid = out.valid.bool().cpu().tolist()
-        series = {label: out.scores}
-        for name, comp in (out.components or {}).items():
-            if isinstance(comp, Tensor) and comp.dim() == 1 and comp.numel() == len(rows):
-                series[f"{label}:{name}"] = comp
-        for key, vals in series.items():
-            for row, v, ok in zip(rows, vals.detach().float().cpu().tolist(), valid):
+        for key, vals in reward_series(label, out).items():
+            for row, v, ok in zip(rows, vals.tolist(), valid):
                 row[key] = v if ok and math.isfinite(v) else None
     return "".join(json.dumps(r) + "\n" for r in rows)
 
